@@ -1,0 +1,21 @@
+"""Multi-task learning for PyTorch with Dropped Scheduled Task (DST) training.
+
+* :class:`MultiHeadNet`: a shared backbone with one head per task.
+* :class:`MaskedMultiTaskLoss`: per-task losses over the labelled samples only.
+* :class:`TaskDropScheduler`: drops tasks from each update with a probability built from
+  the metrics in :mod:`dstmtl.metrics`.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from dstmtl import metrics
+from dstmtl.loss import MaskedMultiTaskLoss
+from dstmtl.multihead import MultiHeadNet
+from dstmtl.scheduler import TaskDropScheduler
+
+try:
+    __version__ = version("dstmtl")
+except PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "0+unknown"
+
+__all__ = ["MaskedMultiTaskLoss", "MultiHeadNet", "TaskDropScheduler", "metrics"]

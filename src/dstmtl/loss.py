@@ -1,0 +1,234 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dstmtl._validation import check_same_tasks, check_task_names
+
+TaskKind = Literal["binary", "multiclass", "regression"]
+PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
+TaskSpec = TaskKind | PerSampleLoss
+
+_KINDS: tuple[str, ...] = ("binary", "multiclass", "regression")
+_MISSING_CLASS = -1
+
+
+class MaskedMultiTaskLoss(nn.Module):
+    r"""Per-task mean losses over the labelled samples only.
+
+    For task :math:`j` with labelled samples :math:`S_j` in the batch,
+
+    .. math::
+
+        L_j = \frac{1}{\max(1, |S_j|)} \sum_{i \in S_j} \ell_j(\hat y_{ij}, y_{ij})
+
+    so a task with no labelled sample gives exactly 0, keeps a gradient path to its head
+    (every parameter is used, as :class:`~torch.nn.parallel.DistributedDataParallel`
+    requires) and is never NaN. A missing label is NaN for ``"binary"`` and
+    ``"regression"`` targets and ``-1`` for ``"multiclass"`` targets.
+
+    The kinds and their per-sample losses :math:`\ell_j`:
+
+    * ``"binary"``: :func:`~torch.nn.functional.binary_cross_entropy_with_logits`; output
+      ``[B]`` or ``[B, 1]`` logits, float target in ``{0, 1}`` (soft targets work too);
+    * ``"multiclass"``: :func:`~torch.nn.functional.cross_entropy`; output ``[B, C]``
+      logits, integer target in ``[0, C)``;
+    * ``"regression"``: squared error; output ``[B]`` or ``[B, 1]``, float target;
+    * a callable ``loss(output, target) -> [B]`` returning per-sample losses. Its missing
+      labels follow the target's dtype (NaN if floating, -1 otherwise) and are replaced by
+      0 before the call, so the callable never sees them.
+
+    All binary tasks are computed in one vectorised call over ``[B, K_binary]``, and so are
+    all regression tasks. Nothing here reads tensor values on the host, so the call never
+    synchronises with the device.
+
+    Args:
+        tasks: Maps each task name to its kind or its per-sample loss, in task order.
+
+    Example:
+        >>> import torch
+        >>> from dstmtl import MaskedMultiTaskLoss
+        >>> loss = MaskedMultiTaskLoss({"smiling": "binary", "age": "regression"})
+        >>> outputs = {"smiling": torch.tensor([2.0, -1.0]), "age": torch.tensor([30.0, 41.0])}
+        >>> targets = torch.tensor([[1.0, float("nan")], [float("nan"), float("nan")]])
+        >>> loss(outputs, targets)  # age has no label: 0, not NaN
+        tensor([0.1269, 0.0000])
+        >>> loss.label_counts
+        tensor([1., 0.])
+    """
+
+    def __init__(self, tasks: Mapping[str, TaskSpec]) -> None:
+        super().__init__()
+        self.task_names = check_task_names(tasks.keys(), owner="MaskedMultiTaskLoss")
+        for name, spec in tasks.items():
+            if not callable(spec) and spec not in _KINDS:
+                raise ValueError(
+                    f"MaskedMultiTaskLoss: task {name!r} has kind {spec!r}; use one of "
+                    f"{list(_KINDS)} or a callable loss(output, target) -> per-sample losses"
+                )
+        self.tasks: dict[str, TaskSpec] = dict(tasks)
+        self._binary = [j for j, spec in enumerate(tasks.values()) if spec == "binary"]
+        self._regression = [j for j, spec in enumerate(tasks.values()) if spec == "regression"]
+        self._label_counts: Tensor | None = None
+
+    @property
+    def label_counts(self) -> Tensor:
+        """Labelled samples per task in the last call, shape ``[K]``, on the outputs' device."""
+        if self._label_counts is None:
+            raise RuntimeError("MaskedMultiTaskLoss.label_counts is available after the first call")
+        return self._label_counts
+
+    def forward(
+        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor] | Tensor
+    ) -> Tensor:
+        """Return the per-task mean losses over labelled samples, shape ``[K]``, in task order.
+
+        Args:
+            outputs: Model outputs by task name (e.g. from :class:`~dstmtl.MultiHeadNet`).
+            targets: Targets by task name, or one ``[B, K]`` tensor in task order.
+        """
+        check_same_tasks(self.task_names, outputs.keys(), what="model outputs")
+        columns = self._target_columns(targets)
+        batch = _batch_size(outputs[self.task_names[0]], self.task_names[0])
+
+        per_task: list[Tensor | None] = [None] * len(self.task_names)
+        counts: list[Tensor | None] = [None] * len(self.task_names)
+        for indices, per_sample in ((self._binary, _binary_losses), (self._regression, _squared)):
+            if indices:
+                names = [self.task_names[j] for j in indices]
+                out = torch.stack([_scalar_output(outputs[n], n, batch) for n in names], dim=1)
+                tgt = torch.stack([_float_target(columns[n], n, batch) for n in names], dim=1)
+                means, labelled = _masked_means(per_sample, out, tgt)
+                for column, j in enumerate(indices):
+                    per_task[j], counts[j] = means[column], labelled[column]
+        for j, (name, spec) in enumerate(self.tasks.items()):
+            if spec == "multiclass":
+                out, tgt = outputs[name], _class_target(columns[name], name, batch)
+                _check_multiclass_output(out, name, batch)
+                per_task[j], counts[j] = _masked_means(_cross_entropy, out, tgt)
+            elif callable(spec):
+                per_task[j], counts[j] = _masked_means(
+                    _per_sample_callable(spec, name), outputs[name], columns[name]
+                )
+        self._label_counts = torch.stack([c for c in counts if c is not None])
+        return torch.stack([loss for loss in per_task if loss is not None])
+
+    def _target_columns(self, targets: Mapping[str, Tensor] | Tensor) -> dict[str, Tensor]:
+        if isinstance(targets, Tensor):
+            if targets.dim() != 2 or targets.shape[1] != len(self.task_names):
+                raise ValueError(
+                    f"targets as one tensor must have shape [B, {len(self.task_names)}] "
+                    f"(one column per task {list(self.task_names)}), got {tuple(targets.shape)}"
+                )
+            return {name: targets[:, j] for j, name in enumerate(self.task_names)}
+        check_same_tasks(self.task_names, targets.keys(), what="targets")
+        return dict(targets)
+
+    def extra_repr(self) -> str:
+        return ", ".join(
+            f"{name}={spec if isinstance(spec, str) else getattr(spec, '__name__', spec)}"
+            for name, spec in self.tasks.items()
+        )
+
+
+def _masked_means(
+    per_sample: Callable[[Tensor, Tensor], Tensor],
+    outputs: Tensor,
+    targets: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Mean of ``per_sample`` over labelled entries per column, and the labelled counts.
+
+    ``targets`` is ``[B]`` or ``[B, K]``; missing entries (NaN, or -1 for integer targets) are
+    replaced by 0 before ``per_sample`` sees them, so neither the loss nor its gradient can
+    become NaN, and masked out of the sums.
+    """
+    labelled = ~targets.isnan() if targets.is_floating_point() else targets != _MISSING_CLASS
+    safe_targets = torch.where(labelled, targets, torch.zeros_like(targets))
+    losses = per_sample(outputs, safe_targets)
+    losses = torch.where(labelled, losses, torch.zeros_like(losses))
+    counts = labelled.sum(dim=0).to(losses.dtype)
+    return losses.sum(dim=0) / counts.clamp(min=1), counts
+
+
+def _binary_losses(outputs: Tensor, targets: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype), reduction="none")
+
+
+def _squared(outputs: Tensor, targets: Tensor) -> Tensor:
+    return F.mse_loss(outputs, targets.to(outputs.dtype), reduction="none")
+
+
+def _cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def _per_sample_callable(loss: PerSampleLoss, name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    def checked(outputs: Tensor, targets: Tensor) -> Tensor:
+        values = loss(outputs, targets)
+        if values.shape != targets.shape[:1]:
+            raise ValueError(
+                f"the loss of task {name!r} must return one value per sample, shape "
+                f"({targets.shape[0]},) (use reduction='none'), got {tuple(values.shape)}"
+            )
+        return values
+
+    return checked
+
+
+def _batch_size(output: Tensor, name: str) -> int:
+    if output.dim() == 0:
+        raise ValueError(f"output of task {name!r} must have a batch dimension, got a scalar")
+    return output.shape[0]
+
+
+def _scalar_output(output: Tensor, name: str, batch: int) -> Tensor:
+    if output.shape not in ((batch,), (batch, 1)):
+        raise ValueError(
+            f"output of task {name!r} must have shape [{batch}] or [{batch}, 1] (one value "
+            f"per sample), got {tuple(output.shape)}"
+        )
+    return output.reshape(batch)
+
+
+def _float_target(target: Tensor, name: str, batch: int) -> Tensor:
+    if not target.is_floating_point():
+        raise TypeError(
+            f"target of task {name!r} must be floating point with NaN for missing labels, "
+            f"got {target.dtype}; convert it with .float()"
+        )
+    if target.shape not in ((batch,), (batch, 1)):
+        raise ValueError(
+            f"target of task {name!r} must have shape [{batch}] or [{batch}, 1], "
+            f"got {tuple(target.shape)}"
+        )
+    return target.reshape(batch)
+
+
+def _class_target(target: Tensor, name: str, batch: int) -> Tensor:
+    if target.is_floating_point():
+        # A [B, K] target tensor mixing kinds is floating; class indices then arrive as
+        # floats, with NaN or -1 for a missing label.
+        target = torch.where(target.isnan(), _MISSING_CLASS, target).long()
+    elif target.dtype == torch.bool or target.is_complex():
+        raise TypeError(
+            f"target of task {name!r} must hold class indices (integers, -1 for missing), "
+            f"got {target.dtype}"
+        )
+    if target.shape not in ((batch,), (batch, 1)):
+        raise ValueError(
+            f"target of task {name!r} must have shape [{batch}] (class indices), "
+            f"got {tuple(target.shape)}"
+        )
+    return target.reshape(batch)
+
+
+def _check_multiclass_output(output: Tensor, name: str, batch: int) -> None:
+    if output.dim() != 2 or output.shape[0] != batch:
+        raise ValueError(
+            f"output of multiclass task {name!r} must be logits of shape [{batch}, C], "
+            f"got {tuple(output.shape)}"
+        )

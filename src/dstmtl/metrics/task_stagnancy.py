@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dstmtl.metrics._base import EpochStatistics, Metric
+from dstmtl.metrics.task_incompleteness import relative_incompleteness
+
+
+class TaskStagnancy(Metric):
+    r"""The task-stagnancy term :math:`s_j = \min(1, \bar R / R_j)`.
+
+    At every epoch :math:`e \ge 1`, with the relative incompleteness :math:`u_j` of
+    :class:`TaskIncompleteness`:
+
+    .. math::
+
+        r_j = \frac{\bar L_j(e-1) - \bar L_j(e)}{\bar L_j(e-1)\, u_j}, \qquad
+        R_j \leftarrow \begin{cases}
+            |r_j| & \text{at the task's first update} \\
+            \alpha r_j + (1 - \alpha) R_j & \text{if } r_j > 0 \\
+            R_j & \text{otherwise}
+        \end{cases}
+
+    and :math:`\bar R` is the mean of :math:`R` over the tasks. A task whose loss still
+    falls fast (large :math:`R_j`) is dropped more often; a stagnating task keeps
+    :math:`s_j = 1`. Scaling a task's losses by a constant does not change :math:`s`.
+
+    Edge cases: :math:`r_j` is undefined when the task has no finite loss this epoch or the
+    last, when :math:`\bar L_j(e-1) = 0` or when :math:`u_j = 0`; then :math:`R_j` is left
+    as it is. A task without :math:`R_j` yet, or with :math:`R_j = 0`, gets :math:`s_j = 1`,
+    and so does every task while :math:`\bar R = 0`.
+
+    Args:
+        alpha: Weight of the newest rate in the moving average, in ``(0, 1]``.
+
+    Example:
+        >>> from dstmtl import TaskDropScheduler
+        >>> from dstmtl.metrics import TaskStagnancy
+        >>> scheduler = TaskDropScheduler(["a", "b"], [TaskStagnancy(alpha=0.1)])
+        >>> scheduler.step([1.0, 1.0])
+        >>> scheduler.step([0.5, 0.9])  # u = [0.714.., 1], R = [0.7, 0.1]
+        >>> {k: round(v, 4) for k, v in scheduler.terms["task_stagnancy"].items()}
+        {'a': 0.5714, 'b': 1.0}
+    """
+
+    name = "task_stagnancy"
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"TaskStagnancy: alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self._rates: Tensor | None = None
+
+    def __call__(self, stats: EpochStatistics) -> Tensor:
+        incompleteness = relative_incompleteness(stats)
+        previous = stats.previous_losses
+        rate = (previous - stats.losses) / previous / incompleteness
+        defined = rate.isfinite()
+        rates = self._rates
+        if rates is None or rates.numel() != rate.numel():
+            rates = torch.full_like(rate, float("nan"))
+        first = defined & rates.isnan()
+        later = defined & ~rates.isnan() & (rate > 0)
+        rates = torch.where(first, rate.abs(), rates)
+        rates = torch.where(later, self.alpha * rate + (1 - self.alpha) * rates, rates)
+        self._rates = rates
+
+        ones = torch.ones_like(rates)
+        known = rates.isfinite()
+        if not bool(known.any()):
+            return ones
+        mean_rate = rates[known].mean()
+        if not mean_rate > 0:
+            return ones
+        return torch.where(known & (rates > 0), (mean_rate / rates).clamp(max=1.0), ones)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "rates": self._rates}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.alpha = float(state_dict["alpha"])
+        self._rates = state_dict["rates"]
+
+    def __repr__(self) -> str:
+        return f"TaskStagnancy(alpha={self.alpha})"

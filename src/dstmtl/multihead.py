@@ -1,0 +1,212 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dstmtl._depth import weight_layer_depths
+from dstmtl._validation import check_task_names
+
+Weights = str | Any | None  # a torchvision WeightsEnum member, its name, or None
+
+
+class MultiHeadNet(nn.Module):
+    """A shared backbone with one head per task.
+
+    ``forward(x)`` returns a dict from task name to that task's output, in the order of
+    ``heads``. By default every head reads the backbone's output; ``branches`` lets a head
+    read an intermediate node of the backbone instead (e.g. ``"layer3"`` of a ResNet), so
+    that tasks can sit at different depths. The intermediate features are taken with
+    :func:`torchvision.models.feature_extraction.create_feature_extractor`.
+
+    Args:
+        backbone: Any module mapping inputs to features.
+        heads: Task name to head module; a head maps the features it reads to the task's
+            output.
+        branches: Task name to the backbone node its head reads (node names as listed by
+            :func:`torchvision.models.feature_extraction.get_graph_node_names`). Tasks not
+            named read the backbone's output.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from dstmtl import MultiHeadNet
+        >>> backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU())
+        >>> net = MultiHeadNet(backbone, {"a": nn.Linear(8, 1), "b": nn.Linear(8, 3)})
+        >>> {name: tuple(out.shape) for name, out in net(torch.randn(2, 3, 4)).items()}
+        {'a': (2, 1), 'b': (2, 3)}
+        >>> net.depths()
+        {'a': 2, 'b': 2}
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        heads: Mapping[str, nn.Module],
+        *,
+        branches: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        names = check_task_names(heads.keys(), owner="MultiHeadNet")
+        for name in names:
+            if "." in name or not name:
+                raise ValueError(
+                    f"MultiHeadNet: task name {name!r} cannot name a submodule; "
+                    "use a non-empty name without '.'"
+                )
+        self.branches: dict[str, str] = dict(branches or {})
+        unknown = sorted(set(self.branches) - set(names))
+        if unknown:
+            raise ValueError(
+                f"MultiHeadNet: branches name unknown tasks {unknown}; tasks: {list(names)}"
+            )
+        self._output_node: str | None = None
+        if self.branches:
+            backbone, self._output_node = _feature_extractor(backbone, set(self.branches.values()))
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(heads)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(self.heads.keys())
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        features = self.backbone(x)
+        if self._output_node is None:
+            return {name: head(features) for name, head in self.heads.items()}
+        return {
+            name: head(features[self.branches.get(name, self._output_node)])
+            for name, head in self.heads.items()
+        }
+
+    def depths(self) -> dict[str, int]:
+        """Weight layers (conv, linear) on the longest path from the input to each output.
+
+        For torchvision's ``resnet18`` with one ``nn.Linear`` head on the pooled features
+        this is 18: 17 convolutions and the head (the 1x1 shortcut convolutions run beside
+        two 3x3 convolutions, so they are not on the longest path).
+        """
+        backbone = weight_layer_depths(self.backbone)
+        depths = {}
+        for name, head in self.heads.items():
+            head_depth = weight_layer_depths(head)
+            assert isinstance(head_depth, int)
+            if isinstance(backbone, dict):
+                assert self._output_node is not None
+                depths[name] = backbone[self.branches.get(name, self._output_node)] + head_depth
+            else:
+                depths[name] = backbone + head_depth
+        return depths
+
+    @classmethod
+    def from_torchvision(
+        cls,
+        name: str,
+        tasks: Mapping[str, int] | Sequence[str],
+        *,
+        weights: Weights = None,
+        branches: Mapping[str, str] | None = None,
+        **model_kwargs: Any,
+    ) -> MultiHeadNet:
+        """Build a torchvision classification model with its classifier replaced by heads.
+
+        The model's last ``nn.Linear`` (its classifier) becomes ``nn.Identity``, and each task
+        gets an ``nn.Linear`` head on the features it fed, whose size is read from that
+        layer, never assumed. A head on an intermediate node (``branches``) pools the
+        feature map first; its channel count is read from a dry run.
+
+        Args:
+            name: A name accepted by :func:`torchvision.models.get_model`, e.g. ``"resnet18"``.
+            tasks: Task name to number of outputs (1 for binary and regression tasks, C for a
+                C-class task); a sequence of names means one output each.
+            weights: Passed to torchvision: a weights enum member, its name (``"DEFAULT"``,
+                ``"IMAGENET1K_V1"``) or ``None`` for random initialisation.
+            branches: As in :class:`MultiHeadNet`.
+            model_kwargs: Passed to :func:`torchvision.models.get_model`.
+
+        Example:
+            >>> from dstmtl import MultiHeadNet
+            >>> net = MultiHeadNet.from_torchvision("resnet18", ["male", "smiling"])
+            >>> net.depths()
+            {'male': 18, 'smiling': 18}
+        """
+        outputs = dict(tasks) if isinstance(tasks, Mapping) else dict.fromkeys(tasks, 1)
+        check_task_names(outputs.keys(), owner="MultiHeadNet.from_torchvision")
+        backbone = _load_torchvision_model(name, weights, model_kwargs)
+        classifier_path, classifier = _last_linear(backbone, name)
+        backbone.set_submodule(classifier_path, nn.Identity())
+
+        branch_channels: dict[str, int] = {}
+        if branches:
+            extractor, _ = _feature_extractor(backbone, set(branches.values()))
+            # 224 px: the resolution every torchvision classifier accepts, ViTs included.
+            with torch.no_grad():
+                features = extractor.eval()(torch.zeros(1, 3, 224, 224))
+            branch_channels = {node: int(value.shape[1]) for node, value in features.items()}
+        heads: dict[str, nn.Module] = {}
+        for task, width in outputs.items():
+            if branches and task in branches:
+                heads[task] = nn.Sequential(
+                    nn.AdaptiveAvgPool2d(1),
+                    nn.Flatten(),
+                    nn.Linear(branch_channels[branches[task]], width),
+                )
+            else:
+                heads[task] = nn.Linear(classifier.in_features, width)
+        return cls(backbone, heads, branches=branches)
+
+
+def _feature_extractor(backbone: nn.Module, nodes: set[str]) -> tuple[nn.Module, str]:
+    from torchvision.models.feature_extraction import (
+        create_feature_extractor,
+        get_graph_node_names,
+    )
+
+    train_nodes, _ = get_graph_node_names(backbone)
+    output_node = train_nodes[-1]
+    # A module's name ("layer3") stands for its last node, as create_feature_extractor allows.
+    unknown = sorted(
+        node
+        for node in nodes
+        if not any(n == node or n.startswith(f"{node}.") for n in train_nodes)
+    )
+    if unknown:
+        raise ValueError(
+            f"branches name nodes {unknown} that {type(backbone).__name__} does not have; "
+            "list its nodes with torchvision.models.feature_extraction.get_graph_node_names"
+        )
+    return_nodes = {node: node for node in sorted(nodes | {output_node})}
+    return create_feature_extractor(backbone, return_nodes=return_nodes), output_node
+
+
+def _load_torchvision_model(name: str, weights: Weights, kwargs: Mapping[str, Any]) -> nn.Module:
+    from urllib.error import URLError
+
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise ValueError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
+    resolved = (
+        None if weights is None else torchvision.models.get_model_weights(name).verify(weights)
+    )
+    try:
+        model: nn.Module = torchvision.models.get_model(name, weights=resolved, **kwargs)
+    except (URLError, OSError) as error:
+        assert resolved is not None
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(resolved.url))
+        raise RuntimeError(
+            f"could not load the {resolved} weights for {name} ({error}). torchvision looks for "
+            f"the file at {path} and downloads it from {resolved.url} when it is missing; put "
+            "the file there, or train from scratch with weights=None"
+        ) from error
+    return model
+
+
+def _last_linear(model: nn.Module, name: str) -> tuple[str, nn.Linear]:
+    linears = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"torchvision model {name!r} has no nn.Linear classifier to replace")
+    return linears[-1]

@@ -1,0 +1,457 @@
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dstmtl._distributed import all_reduce_sum, broadcast_from_first
+from dstmtl._validation import check_task_names, per_task_tensor
+from dstmtl.metrics import EpochStatistics, Metric
+
+_LOSS_SUM, _LABELLED_STEPS, _LABEL_COUNT = 0, 1, 2
+
+
+class TaskDropScheduler:
+    r"""Drops tasks from each update with a keep probability built from DST metrics.
+
+    Each task :math:`j` has a keep probability :math:`p_j`, the weighted mean of the enabled
+    terms (:mod:`dstmtl.metrics`), and a gate :math:`g_j \sim \mathrm{Bernoulli}(p_j)`. The
+    training loss is
+
+    .. math::
+
+        L = \sum_j g_j \, w_j \, L_j,
+        \qquad p_j = \frac{\sum_m \lambda_m \, t_{m,j}}{\sum_m \lambda_m}
+
+    where :math:`t_{m,j}` is term :math:`m` for task :math:`j`, :math:`\lambda_m` its weight
+    and :math:`w_j` the loss-scaling weight (1 unless ``loss_scaling``). The loss is masked,
+    not the gradient: every head still runs forward, so a dropped task's loss keeps feeding
+    the statistics.
+
+    Like the schedulers in :mod:`torch.optim.lr_scheduler`, it is driven by :meth:`step`,
+    called once at the end of each epoch:
+
+    * before the first :meth:`step` every gate is on and every weight is 1;
+    * the first :meth:`step` records the baseline losses :math:`\bar L(0)` (and
+      :math:`w_j = \mathrm{mean}_k \bar L_k(0) / \bar L_j(0)` with ``loss_scaling``) and keeps
+      every gate on;
+    * every later :meth:`step` asks each metric for its terms, combines them into
+      :math:`p` and draws new gates, which hold until the next draw.
+
+    Per step, ``scheduler(losses)`` returns the gated sum and accumulates the detached losses
+    on their device, without synchronising with it; :meth:`step` reads them back.
+
+    Args:
+        task_names: The tasks, in the order of the loss vector.
+        metrics: The enabled terms; their ``name`` attributes must differ.
+        metric_weights: :math:`\lambda_m` per metric, in the order of ``metrics``; equal
+            weights by default.
+        loss_scaling: Scale each task's loss by :math:`w_j` after the warm-up epoch, so that
+            every task starts from the same loss level. The terms use unscaled losses.
+        min_active_tasks: At least this many tasks are kept in every draw: when fewer gates
+            come up, the dropped tasks with the highest :math:`p_j` are switched back on.
+            ``0`` allows an update with every task dropped (its loss is then 0).
+        redraw_every: Draw new gates every this many calls instead of once per epoch (the
+            paper's schedule). The probabilities still change only at :meth:`step`.
+        generator: The source of randomness for the draws: a ``torch.Generator`` (CPU), a
+            seed, or ``None`` for a generator seeded from torch's global generator.
+
+    Under :mod:`torch.distributed`, :meth:`step` sums the epoch statistics over all ranks
+    and every rank adopts rank 0's gates, so the gates agree even with different seeds.
+
+    Example:
+        >>> import torch
+        >>> from dstmtl import TaskDropScheduler
+        >>> from dstmtl.metrics import Constant, TaskIncompleteness
+        >>> scheduler = TaskDropScheduler(
+        ...     ["a", "b"], [TaskIncompleteness(), Constant()], generator=0
+        ... )
+        >>> losses = torch.tensor([0.75, 0.25], requires_grad=True)
+        >>> scheduler(losses)  # every task kept during the warm-up epoch
+        tensor(1., grad_fn=<SumBackward0>)
+        >>> scheduler.step()  # baseline = [0.75, 0.25]
+        >>> scheduler.step([0.375, 0.25])  # A = [0.5, 1.0], mean 0.75
+        >>> scheduler.keep_probabilities
+        {'a': 0.8333333333333333, 'b': 1.0}
+    """
+
+    def __init__(
+        self,
+        task_names: Iterable[str],
+        metrics: Sequence[Metric],
+        *,
+        metric_weights: Sequence[float] | None = None,
+        loss_scaling: bool = False,
+        min_active_tasks: int = 1,
+        redraw_every: int | None = None,
+        generator: torch.Generator | int | None = None,
+    ) -> None:
+        self._task_names = check_task_names(task_names, owner="TaskDropScheduler")
+        num_tasks = len(self._task_names)
+        self._metrics = _check_metrics(metrics)
+        self._metric_weights = _check_metric_weights(metric_weights, self._metrics)
+        if not 0 <= min_active_tasks <= num_tasks:
+            raise ValueError(
+                f"TaskDropScheduler: min_active_tasks must be between 0 and the number of tasks "
+                f"({num_tasks}), got {min_active_tasks}"
+            )
+        if redraw_every is not None and redraw_every < 1:
+            raise ValueError(
+                f"TaskDropScheduler: redraw_every must be a positive number of steps or None, "
+                f"got {redraw_every}"
+            )
+        self.loss_scaling = loss_scaling
+        self.min_active_tasks = min_active_tasks
+        self.redraw_every = redraw_every
+        self._generator = _make_generator(generator)
+
+        nan = torch.full((num_tasks,), float("nan"), dtype=torch.float64)
+        self._epoch = 0
+        self._baseline = nan.clone()
+        self._previous = nan.clone()
+        self._epoch_losses = nan.clone()
+        self._label_counts = torch.zeros(num_tasks, dtype=torch.float64)
+        self._terms: dict[str, Tensor] = {}
+        self._probabilities = torch.ones(num_tasks, dtype=torch.float64)
+        self._gates = torch.ones(num_tasks, dtype=torch.bool)
+        self._loss_weights = torch.ones(num_tasks, dtype=torch.float64)
+        self._calls_since_draw = 0
+        # Device-side state, created on the first call on the device of the losses:
+        # [3, K] running sums (loss, labelled steps, labels) and [K] gate * weight factors.
+        self._accumulator: Tensor | None = None
+        self._factors: Tensor | None = None
+
+    # ----------------------------------------------------------------- per step (no sync)
+
+    def __call__(self, losses: Tensor, label_counts: Tensor | None = None) -> Tensor:
+        r"""Return :math:`\sum_j g_j w_j L_j` and record the losses for the epoch statistics.
+
+        Args:
+            losses: Per-task losses, shape ``[K]``, in task order.
+            label_counts: Labelled samples per task in this batch, shape ``[K]``, e.g.
+                :attr:`MaskedMultiTaskLoss.label_counts`. A task with no labelled sample in
+                a step does not count towards its epoch mean. Non-finite losses never do.
+        """
+        return self.weighted_losses(losses, label_counts).sum()
+
+    def weighted_losses(self, losses: Tensor, label_counts: Tensor | None = None) -> Tensor:
+        r"""Like calling the scheduler, but return the vector :math:`g_j w_j L_j`, shape ``[K]``.
+
+        Dropped tasks are exactly 0 (even when their loss is not finite) and keep a gradient
+        path. Useful to hand the kept losses to another weighting method.
+        """
+        self._check_step_input(losses, label_counts)
+        if self._accumulator is None or self._accumulator.device != losses.device:
+            self._move_state(losses.device)
+        assert self._accumulator is not None
+        assert self._factors is not None
+        if self.redraw_every is not None:
+            self._calls_since_draw += 1
+            if self._epoch > 1 and self._calls_since_draw > self.redraw_every:
+                self._set_gates(self._draw_gates())
+                self._calls_since_draw = 1
+
+        detached = losses.detach().to(torch.float32)
+        labelled = detached.isfinite()
+        if label_counts is not None:
+            labelled = labelled & (label_counts > 0)
+            self._accumulator[_LABEL_COUNT] += label_counts.to(torch.float32)
+        self._accumulator[_LOSS_SUM] += torch.where(labelled, detached, 0.0)
+        self._accumulator[_LABELLED_STEPS] += labelled.to(torch.float32)
+
+        factors = self._factors.to(losses.dtype)
+        return torch.where(factors > 0, losses * factors, torch.zeros_like(losses))
+
+    # ------------------------------------------------------------------ per epoch (syncs)
+
+    def step(
+        self, mean_losses: Mapping[str, float] | Sequence[float] | Tensor | None = None
+    ) -> None:
+        """End an epoch: update the statistics and the terms, then draw new gates.
+
+        Args:
+            mean_losses: The epoch's mean loss per task (a mapping by task name, a sequence
+                or a tensor in task order). By default, the means of what the calls since
+                the last :meth:`step` recorded, summed over all ranks under
+                :mod:`torch.distributed`. NaN marks a task that was not measured.
+        """
+        if mean_losses is None:
+            means, counts = self._collect_epoch()
+        else:
+            means = per_task_tensor(mean_losses, self._task_names, what="mean_losses")
+            counts = torch.zeros_like(means)
+            self._reset_accumulator()
+        means = torch.where(means.isfinite(), means, float("nan"))
+
+        unset = self._baseline.isnan() & means.isfinite() & (means > 0)
+        self._baseline = torch.where(unset, means, self._baseline)
+        if self._epoch == 0:
+            if self.loss_scaling:
+                self._loss_weights = _loss_scaling_weights(self._baseline)
+        else:
+            stats = EpochStatistics(
+                task_names=self._task_names,
+                epoch=self._epoch,
+                losses=means,
+                previous_losses=self._previous.clone(),
+                baseline_losses=self._baseline.clone(),
+                label_counts=counts,
+            )
+            self._terms = {metric.name: self._evaluate(metric, stats) for metric in self._metrics}
+            weighted = sum(
+                weight * term
+                for weight, term in zip(self._metric_weights, self._terms.values(), strict=True)
+            )
+            assert isinstance(weighted, Tensor)
+            self._probabilities = (weighted / sum(self._metric_weights)).clamp(0.0, 1.0)
+            self._set_gates(self._draw_gates())
+        self._previous = torch.where(means.isfinite(), means, self._previous)
+        self._epoch_losses = means
+        self._label_counts = counts
+        self._epoch += 1
+        self._calls_since_draw = 0
+        self._set_gates(self._gates)
+
+    # --------------------------------------------------------------------------- read-outs
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self._task_names
+
+    @property
+    def epoch(self) -> int:
+        """Number of completed :meth:`step` calls."""
+        return self._epoch
+
+    @property
+    def keep_probabilities(self) -> dict[str, float]:
+        """:math:`p_j` per task; 1 until the second :meth:`step`."""
+        return self._as_dict(self._probabilities)
+
+    @property
+    def gates(self) -> dict[str, bool]:
+        """Whether each task takes part in the updates until the next draw."""
+        return {
+            name: bool(gate)
+            for name, gate in zip(self._task_names, self._gates.tolist(), strict=True)
+        }
+
+    @property
+    def active_tasks(self) -> tuple[str, ...]:
+        """The names of the tasks whose gate is on."""
+        return tuple(name for name, gate in self.gates.items() if gate)
+
+    @property
+    def terms(self) -> dict[str, dict[str, float]]:
+        """The last value of each metric's term, by metric name then task name."""
+        return {name: self._as_dict(term) for name, term in self._terms.items()}
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """:math:`w_j` per task (all 1 unless ``loss_scaling``)."""
+        return self._as_dict(self._loss_weights)
+
+    @property
+    def epoch_losses(self) -> dict[str, float]:
+        """The mean loss per task of the last completed epoch (NaN where not measured)."""
+        return self._as_dict(self._epoch_losses)
+
+    @property
+    def baseline_losses(self) -> dict[str, float]:
+        r""":math:`\bar L_j(0)` per task (NaN while a task has no finite, positive mean)."""
+        return self._as_dict(self._baseline)
+
+    # ---------------------------------------------------------------------- checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume, the random state included; tensors are on the CPU."""
+        return {
+            "task_names": list(self._task_names),
+            "metric_names": [metric.name for metric in self._metrics],
+            "epoch": self._epoch,
+            "baseline": self._baseline.clone(),
+            "previous": self._previous.clone(),
+            "epoch_losses": self._epoch_losses.clone(),
+            "label_counts": self._label_counts.clone(),
+            "terms": {name: term.clone() for name, term in self._terms.items()},
+            "probabilities": self._probabilities.clone(),
+            "gates": self._gates.clone(),
+            "loss_weights": self._loss_weights.clone(),
+            "generator": self._generator.get_state(),
+            "calls_since_draw": self._calls_since_draw,
+            "accumulator": None if self._accumulator is None else self._accumulator.cpu(),
+            "metrics": {metric.name: metric.state_dict() for metric in self._metrics},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the tasks and metrics must be the same."""
+        if list(state_dict["task_names"]) != list(self._task_names):
+            raise ValueError(
+                f"state_dict is for tasks {list(state_dict['task_names'])}, "
+                f"this scheduler has {list(self._task_names)}"
+            )
+        metric_names = [metric.name for metric in self._metrics]
+        if list(state_dict["metric_names"]) != metric_names:
+            raise ValueError(
+                f"state_dict is for metrics {list(state_dict['metric_names'])}, "
+                f"this scheduler has {metric_names}"
+            )
+        self._epoch = int(state_dict["epoch"])
+        self._baseline = state_dict["baseline"].clone()
+        self._previous = state_dict["previous"].clone()
+        self._epoch_losses = state_dict["epoch_losses"].clone()
+        self._label_counts = state_dict["label_counts"].clone()
+        self._terms = {name: term.clone() for name, term in state_dict["terms"].items()}
+        self._probabilities = state_dict["probabilities"].clone()
+        self._loss_weights = state_dict["loss_weights"].clone()
+        self._generator.set_state(state_dict["generator"])
+        self._calls_since_draw = int(state_dict["calls_since_draw"])
+        for metric in self._metrics:
+            metric.load_state_dict(state_dict["metrics"][metric.name])
+        saved = state_dict["accumulator"]
+        if saved is not None:
+            self._move_state(
+                saved.device if self._accumulator is None else self._accumulator.device
+            )
+            assert self._accumulator is not None
+            self._accumulator.copy_(saved)
+        else:
+            self._reset_accumulator()
+        self._set_gates(state_dict["gates"].clone())
+
+    def __repr__(self) -> str:
+        return (
+            f"TaskDropScheduler(tasks={list(self._task_names)}, metrics={self._metrics}, "
+            f"epoch={self._epoch})"
+        )
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def _check_step_input(self, losses: Tensor, label_counts: Tensor | None) -> None:
+        num_tasks = len(self._task_names)
+        if losses.shape != (num_tasks,):
+            raise ValueError(
+                f"TaskDropScheduler expects one loss per task, shape ({num_tasks},) for tasks "
+                f"{list(self._task_names)}, got shape {tuple(losses.shape)}"
+            )
+        if label_counts is not None and label_counts.shape != (num_tasks,):
+            raise ValueError(
+                f"label_counts must have shape ({num_tasks},), got {tuple(label_counts.shape)}"
+            )
+
+    def _move_state(self, device: torch.device) -> None:
+        previous = self._accumulator
+        self._accumulator = torch.zeros(3, len(self._task_names), device=device)
+        if previous is not None:
+            self._accumulator.copy_(previous)
+        self._factors = self._factors_now().to(device, non_blocking=True)
+
+    def _reset_accumulator(self) -> None:
+        if self._accumulator is not None:
+            self._accumulator.zero_()
+
+    def _collect_epoch(self) -> tuple[Tensor, Tensor]:
+        num_tasks = len(self._task_names)
+        local = (
+            self._accumulator
+            if self._accumulator is not None
+            else torch.zeros(3, num_tasks, dtype=torch.float32)
+        )
+        totals = all_reduce_sum(local.clone()).to("cpu", torch.float64)
+        self._reset_accumulator()
+        steps = totals[_LABELLED_STEPS]
+        means = torch.where(steps > 0, totals[_LOSS_SUM] / steps.clamp(min=1), float("nan"))
+        return means, totals[_LABEL_COUNT]
+
+    def _evaluate(self, metric: Metric, stats: EpochStatistics) -> Tensor:
+        term = metric(stats)
+        if not isinstance(term, Tensor) or term.shape != (len(self._task_names),):
+            found = tuple(term.shape) if isinstance(term, Tensor) else type(term).__name__
+            raise ValueError(
+                f"metric {metric.name!r} must return a tensor of shape ({len(self._task_names)},)"
+                f", one value per task, got {found}"
+            )
+        term = term.detach().to("cpu", torch.float64)
+        if not bool(((term >= 0) & (term <= 1)).all()):
+            raise ValueError(
+                f"metric {metric.name!r} returned values outside [0, 1]: {self._as_dict(term)}"
+            )
+        return term
+
+    def _draw_gates(self) -> Tensor:
+        draws = torch.rand(len(self._task_names), generator=self._generator, dtype=torch.float64)
+        gates = draws < self._probabilities
+        shortfall = self.min_active_tasks - int(gates.sum())
+        if shortfall > 0:
+            dropped = [j for j in range(len(gates)) if not gates[j]]
+            dropped.sort(key=lambda j: (-float(self._probabilities[j]), float(draws[j])))
+            gates[dropped[:shortfall]] = True
+        return broadcast_from_first(gates.to(torch.uint8)).to(torch.bool)
+
+    def _factors_now(self) -> Tensor:
+        return (self._gates.to(torch.float64) * self._loss_weights).to(torch.float32)
+
+    def _set_gates(self, gates: Tensor) -> None:
+        self._gates = gates
+        if self._factors is not None:
+            self._factors.copy_(self._factors_now(), non_blocking=True)
+
+    def _as_dict(self, values: Tensor) -> dict[str, float]:
+        return dict(zip(self._task_names, values.tolist(), strict=True))
+
+
+def _check_metrics(metrics: Sequence[Metric]) -> tuple[Metric, ...]:
+    metrics = tuple(metrics)
+    if not metrics:
+        raise ValueError(
+            "TaskDropScheduler needs at least one metric; use [Constant()] to keep every task"
+        )
+    for metric in metrics:
+        if not isinstance(metric, Metric):
+            raise TypeError(
+                f"TaskDropScheduler: metrics must be dstmtl.metrics.Metric instances, got "
+                f"{metric!r} ({type(metric).__name__})"
+            )
+    names = [metric.name for metric in metrics]
+    check_task_names(names, owner="TaskDropScheduler metric names")
+    return metrics
+
+
+def _check_metric_weights(
+    weights: Sequence[float] | None, metrics: Sequence[Metric]
+) -> tuple[float, ...]:
+    if weights is None:
+        return (1.0,) * len(metrics)
+    values = tuple(float(w) for w in weights)
+    if len(values) != len(metrics):
+        raise ValueError(
+            f"metric_weights has {len(values)} values for {len(metrics)} metrics "
+            f"{[metric.name for metric in metrics]}"
+        )
+    if any(not w >= 0 for w in values) or not sum(values) > 0:
+        raise ValueError(
+            f"metric_weights must be non-negative with a positive sum, got {list(values)}"
+        )
+    return values
+
+
+def _make_generator(generator: torch.Generator | int | None) -> torch.Generator:
+    if isinstance(generator, torch.Generator):
+        if generator.device.type != "cpu":
+            raise ValueError(
+                f"TaskDropScheduler draws on the CPU; pass a CPU generator, got one on "
+                f"{generator.device}"
+            )
+        return generator
+    seed = generator if generator is not None else int(torch.randint(2**62, ()).item())
+    return torch.Generator().manual_seed(seed)
+
+
+def _loss_scaling_weights(baseline: Tensor) -> Tensor:
+    """``w_j = mean_k Lbar_k(0) / Lbar_j(0)``, with 1 for tasks that have no baseline."""
+    known = baseline.isfinite()
+    if not bool(known.any()):
+        return torch.ones_like(baseline)
+    return torch.where(known, baseline[known].mean() / baseline, 1.0)
