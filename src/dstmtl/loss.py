@@ -40,7 +40,8 @@ class MaskedMultiTaskLoss(nn.Module):
     * ``"regression"``: squared error; output ``[B]`` or ``[B, 1]``, float target;
     * a callable ``loss(output, target) -> [B]`` returning per-sample losses. Its missing
       labels follow the target's dtype (NaN if floating, -1 otherwise) and are replaced by
-      0 before the call, so the callable never sees them.
+      0 before the call, so the callable never sees them; a sample whose target has any
+      missing entry does not count.
 
     All binary tasks are computed in one vectorised call over ``[B, K_binary]``, and so are
     all regression tasks. Nothing here reads tensor values on the host, so the call never
@@ -149,6 +150,10 @@ def _masked_means(
     labelled = ~targets.isnan() if targets.is_floating_point() else targets != _MISSING_CLASS
     safe_targets = torch.where(labelled, targets, torch.zeros_like(targets))
     losses = per_sample(outputs, safe_targets)
+    if labelled.shape != losses.shape:
+        # A per-sample loss over multi-dimensional targets: a sample counts as labelled only
+        # when none of its target entries is missing.
+        labelled = labelled.reshape(labelled.shape[0], -1).all(dim=1)
     losses = torch.where(labelled, losses, torch.zeros_like(losses))
     counts = labelled.sum(dim=0).to(losses.dtype)
     return losses.sum(dim=0) / counts.clamp(min=1), counts

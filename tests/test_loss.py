@@ -1,0 +1,156 @@
+"""MaskedMultiTaskLoss: masking, gradients, vectorisation and input checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dstmtl import MaskedMultiTaskLoss
+
+NAN = math.nan
+
+
+def test_binary_mean_over_labelled_samples_by_hand() -> None:
+    loss = MaskedMultiTaskLoss({"a": "binary", "b": "binary"})
+    logits = {"a": torch.tensor([0.0, 2.0, -1.0]), "b": torch.tensor([[1.0], [0.5], [3.0]])}
+    targets = torch.tensor([[1.0, NAN], [NAN, 0.0], [0.0, 1.0]])
+    expected_a = (math.log(2) + math.log1p(math.exp(-1.0))) / 2  # samples 0 and 2
+    expected_b = (math.log1p(math.exp(0.5)) + math.log1p(math.exp(-3.0))) / 2
+    assert loss(logits, targets).tolist() == pytest.approx([expected_a, expected_b])
+    assert loss.label_counts.tolist() == [2.0, 2.0]
+
+
+def test_mixed_kinds_and_a_callable() -> None:
+    def absolute(output: Tensor, target: Tensor) -> Tensor:
+        return (output - target).abs().sum(dim=1)
+
+    loss = MaskedMultiTaskLoss(
+        {"bin": "binary", "cls": "multiclass", "reg": "regression", "abs": absolute}
+    )
+    outputs = {
+        "bin": torch.tensor([0.0, 0.0]),
+        "cls": torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]]),
+        "reg": torch.tensor([[1.0], [3.0]]),
+        "abs": torch.tensor([[1.0, 2.0], [0.0, 0.0]]),
+    }
+    targets = {
+        "bin": torch.tensor([1.0, 0.0]),
+        "cls": torch.tensor([-1, 0]),
+        "reg": torch.tensor([NAN, 1.0]),
+        "abs": torch.tensor([[0.0, 0.0], [NAN, NAN]]),
+    }
+    result = loss(outputs, targets)
+    expected_cls = -math.log(math.exp(2.0) / (math.exp(2.0) + 2))
+    assert result.tolist() == pytest.approx([math.log(2), expected_cls, 4.0, 3.0])
+    assert loss.label_counts.tolist() == [2.0, 1.0, 1.0, 1.0]
+
+
+def test_multiclass_targets_inside_a_float_tensor() -> None:
+    loss = MaskedMultiTaskLoss({"bin": "binary", "cls": "multiclass"})
+    outputs = {"bin": torch.zeros(3), "cls": torch.zeros(3, 4)}
+    targets = torch.tensor([[1.0, 3.0], [0.0, NAN], [NAN, -1.0]])
+    assert loss(outputs, targets).tolist() == pytest.approx([math.log(2), math.log(4)])
+    assert loss.label_counts.tolist() == [2.0, 1.0]
+
+
+def test_a_task_without_labels_is_zero_with_a_gradient_path() -> None:
+    loss = MaskedMultiTaskLoss({"a": "binary", "b": "regression", "c": "multiclass"})
+    outputs = {
+        "a": torch.randn(4, requires_grad=True),
+        "b": torch.randn(4, requires_grad=True),
+        "c": torch.randn(4, 3, requires_grad=True),
+    }
+    targets = {"a": torch.full((4,), NAN), "b": torch.full((4,), NAN), "c": torch.full((4,), -1)}
+    result = loss(outputs, targets)
+    assert result.tolist() == [0.0, 0.0, 0.0]
+    result.sum().backward()
+    for name, output in outputs.items():
+        assert output.grad is not None, name
+        assert torch.equal(output.grad, torch.zeros_like(output)), name
+
+
+def test_missing_labels_never_leak_nan_into_gradients() -> None:
+    loss = MaskedMultiTaskLoss({"a": "binary", "b": "regression"})
+    outputs = {"a": torch.randn(5, requires_grad=True), "b": torch.randn(5, requires_grad=True)}
+    targets = torch.tensor([[1.0, NAN], [NAN, 2.0], [0.0, NAN], [NAN, NAN], [1.0, 0.5]])
+    loss(outputs, targets).sum().backward()
+    for output in outputs.values():
+        assert output.grad is not None
+        assert torch.isfinite(output.grad).all()
+        assert output.grad[3] == 0  # sample 3 has no label at all
+
+
+def test_binary_tasks_are_computed_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, ...]] = []
+    original = F.binary_cross_entropy_with_logits
+
+    def counting(input: Tensor, target: Tensor, **kwargs: object) -> Tensor:
+        calls.append(tuple(input.shape))
+        return original(input, target, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(F, "binary_cross_entropy_with_logits", counting)
+    names = [f"t{j}" for j in range(40)]
+    loss = MaskedMultiTaskLoss(dict.fromkeys(names, "binary"))
+    loss({name: torch.zeros(8, 1) for name in names}, torch.ones(8, 40))
+    assert calls == [(8, 40)]
+
+
+def test_bfloat16_autocast() -> None:
+    loss = MaskedMultiTaskLoss({"a": "binary", "b": "multiclass"})
+    layer = torch.nn.Linear(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = layer(torch.randn(6, 4))
+        outputs = {"a": features[:, 0], "b": features[:, 1:]}
+        result = loss(outputs, {"a": torch.ones(6), "b": torch.tensor([0, 1, 2, -1, 0, 1])})
+    assert result.shape == (2,)
+    assert torch.isfinite(result).all()
+    result.sum().backward()
+    assert layer.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_task_names_that_differ_are_named() -> None:
+    loss = MaskedMultiTaskLoss({"a": "binary", "b": "binary"})
+    with pytest.raises(ValueError, match=r"model outputs .* missing \['b'\], unexpected \['z'\]"):
+        loss({"a": torch.zeros(2), "z": torch.zeros(2)}, torch.zeros(2, 2))
+    outputs = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"targets .* unexpected \['c'\]"):
+        loss(outputs, {"a": torch.zeros(2), "b": torch.zeros(2), "c": torch.zeros(2)})
+
+
+def test_wrong_shapes_and_dtypes() -> None:
+    loss = MaskedMultiTaskLoss({"a": "binary", "c": "multiclass"})
+    good = {"a": torch.zeros(3), "c": torch.zeros(3, 2)}
+    labels = {"a": torch.zeros(3), "c": torch.zeros(3, dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"shape \[B, 2\] .* got \(3, 3\)"):
+        loss(good, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"output of task 'a' must have shape \[3\] or \[3, 1\]"):
+        loss({**good, "a": torch.zeros(3, 2)}, labels)
+    with pytest.raises(
+        TypeError, match=r"target of task 'a' must be floating point .* torch.int64"
+    ):
+        loss(good, {**labels, "a": torch.zeros(3, dtype=torch.long)})
+    with pytest.raises(ValueError, match=r"target of task 'a' must have shape \[3\]"):
+        loss(good, {**labels, "a": torch.zeros(4)})
+    with pytest.raises(ValueError, match=r"multiclass task 'c' must be logits of shape \[3, C\]"):
+        loss({**good, "c": torch.zeros(3)}, labels)
+    with pytest.raises(TypeError, match="class indices"):
+        loss(good, {**labels, "c": torch.zeros(3, dtype=torch.bool)})
+
+
+def test_bad_task_specs() -> None:
+    with pytest.raises(ValueError, match="task list is empty"):
+        MaskedMultiTaskLoss({})
+    with pytest.raises(ValueError, match=r"task 'a' has kind 'binay'; use one of"):
+        MaskedMultiTaskLoss({"a": "binay"})  # type: ignore[dict-item]
+    loss = MaskedMultiTaskLoss({"a": lambda output, target: (output - target).abs()})
+    with pytest.raises(ValueError, match=r"one value per sample, shape \(2,\)"):
+        loss({"a": torch.zeros(2, 3)}, {"a": torch.zeros(2, 3)})
+    with pytest.raises(RuntimeError, match="after the first call"):
+        _ = MaskedMultiTaskLoss({"a": "binary"}).label_counts

@@ -1,0 +1,111 @@
+"""MultiHeadNet: heads, branches, depths and the torchvision builder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.error import URLError
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from dstmtl import MultiHeadNet
+
+
+def test_outputs_follow_the_order_of_the_heads() -> None:
+    heads = {"z": nn.Linear(6, 2), "a": nn.Linear(6, 1), "m": nn.Linear(6, 3)}
+    net = MultiHeadNet(nn.Linear(4, 6), heads)
+    outputs = net(torch.randn(5, 4))
+    assert list(outputs) == ["z", "a", "m"]
+    assert [tuple(out.shape) for out in outputs.values()] == [(5, 2), (5, 1), (5, 3)]
+    assert net.task_names == ("z", "a", "m")
+
+
+def test_resnet18_depth_is_18() -> None:
+    net = MultiHeadNet.from_torchvision("resnet18", {"male": 1, "age": 5})
+    assert net.depths() == {"male": 18, "age": 18}
+    assert isinstance(net.backbone.fc, nn.Identity)
+    assert net.heads["age"].in_features == 512  # read from the replaced classifier
+
+
+@pytest.mark.parametrize(("name", "features"), [("resnet50", 2048), ("mobilenet_v3_small", 1024)])
+def test_feature_size_is_read_from_the_model(name: str, features: int) -> None:
+    net = MultiHeadNet.from_torchvision(name, ["a"])
+    assert net.heads["a"].in_features == features
+    assert net(torch.randn(2, 3, 64, 64))["a"].shape == (2, 1)
+
+
+def test_heads_can_branch_from_an_intermediate_layer() -> None:
+    net = MultiHeadNet.from_torchvision(
+        "resnet18", {"top": 1, "mid": 3}, branches={"mid": "layer3"}
+    )
+    outputs = net(torch.randn(2, 3, 64, 64))
+    assert outputs["top"].shape == (2, 1)
+    assert outputs["mid"].shape == (2, 3)
+    # conv1 + 3 stages of 2 blocks of 2 convolutions + the head's linear layer
+    assert net.depths() == {"top": 18, "mid": 14}
+    # The layer3 head reads what layer3 of the plain model computes.
+    plain = torchvision.models.resnet18().eval()
+    plain.load_state_dict(
+        {k.removeprefix("backbone."): v for k, v in net.state_dict().items() if "heads" not in k},
+        strict=False,
+    )
+    net.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        stem = plain.maxpool(plain.relu(plain.bn1(plain.conv1(x))))
+        layer3 = plain.layer3(plain.layer2(plain.layer1(stem)))
+        expected = net.heads["mid"](layer3)
+        assert torch.allclose(net(x)["mid"], expected, atol=1e-5)
+
+
+def test_weights_load_from_torchvisions_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    reference = torchvision.models.resnet18()
+    checkpoint = tmp_path / "hub" / "checkpoints" / Path(weights.url).name
+    checkpoint.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), checkpoint)
+    net = MultiHeadNet.from_torchvision("resnet18", ["a"], weights="IMAGENET1K_V1")
+    conv1 = net.backbone.get_submodule("conv1")
+    assert isinstance(conv1, nn.Conv2d)
+    assert torch.equal(conv1.weight, reference.conv1.weight)
+
+
+def test_missing_weights_say_where_torchvision_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(RuntimeError, match=f"{expected}.*weights=None"):
+        MultiHeadNet.from_torchvision("resnet18", ["a"], weights="DEFAULT")
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="task list is empty"):
+        MultiHeadNet(nn.Identity(), {})
+    with pytest.raises(ValueError, match="cannot name a submodule"):
+        MultiHeadNet(nn.Identity(), {"a.b": nn.Identity()})
+    with pytest.raises(ValueError, match=r"branches name unknown tasks \['x'\]"):
+        MultiHeadNet(torchvision.models.resnet18(), {"a": nn.Identity()}, branches={"x": "layer3"})
+    with pytest.raises(ValueError, match=r"nodes \['layer9'\] that ResNet does not have"):
+        MultiHeadNet(torchvision.models.resnet18(), {"a": nn.Identity()}, branches={"a": "layer9"})
+    with pytest.raises(ValueError, match="torchvision has no model 'resnet19'"):
+        MultiHeadNet.from_torchvision("resnet19", ["a"])
+
+
+def test_untraceable_backbone_asks_for_explicit_depths() -> None:
+    class DataDependent(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x if x.sum() > 0 else -x
+
+    net = MultiHeadNet(DataDependent(), {"a": nn.Linear(2, 1)})
+    with pytest.raises(TypeError, match="pass the depths explicitly"):
+        net.depths()

@@ -1,0 +1,246 @@
+"""TaskDropScheduler: the schedule, the draws, the per-step path and checkpointing."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from dstmtl import TaskDropScheduler
+from dstmtl.metrics import Constant, EpochStatistics, Metric, TaskIncompleteness
+
+
+class Fixed(Metric):
+    """A term with given values, to drive the draws directly."""
+
+    name = "fixed"
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    def __call__(self, stats: EpochStatistics) -> Tensor:
+        return torch.tensor(self.values, dtype=torch.float64)
+
+
+def test_warm_up_then_draws_from_the_probabilities() -> None:
+    scheduler = TaskDropScheduler(["a", "b", "c"], [Fixed([0.3, 0.6, 0.9])], generator=7)
+    assert scheduler.gates == {"a": True, "b": True, "c": True}
+    scheduler.step([1.0, 1.0, 1.0])  # warm-up: baseline only, every gate stays on
+    assert scheduler.gates == {"a": True, "b": True, "c": True}
+    assert scheduler.terms == {}
+    assert scheduler.keep_probabilities == {"a": 1.0, "b": 1.0, "c": 1.0}
+
+    reference = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        scheduler.step([1.0, 1.0, 1.0])
+        draws = torch.rand(3, generator=reference, dtype=torch.float64)
+        expected = (draws < torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64)).tolist()
+        if not any(expected):  # min_active_tasks=1 switches on the most probable task
+            expected[2] = True
+        assert list(scheduler.gates.values()) == expected
+
+
+def test_keep_frequencies_match_the_probabilities() -> None:
+    probabilities = [0.2, 0.5, 0.8]
+    scheduler = TaskDropScheduler(
+        ["a", "b", "c"], [Fixed(probabilities)], min_active_tasks=0, generator=1
+    )
+    kept = torch.zeros(3)
+    draws = 4000
+    scheduler.step([1.0, 1.0, 1.0])
+    for _ in range(draws):
+        scheduler.step([1.0, 1.0, 1.0])
+        kept += torch.tensor(list(scheduler.gates.values()), dtype=torch.float32)
+    # Binomial standard deviation at p = 0.5 is 0.0079; 4 sigma.
+    assert (kept / draws).tolist() == pytest.approx(probabilities, abs=0.032)
+
+
+def test_min_active_tasks_switches_on_the_most_probable() -> None:
+    scheduler = TaskDropScheduler(
+        ["a", "b", "c"], [Fixed([0.0, 0.02, 0.01])], min_active_tasks=2, generator=0
+    )
+    scheduler.step([1.0, 1.0, 1.0])
+    for _ in range(20):
+        scheduler.step([1.0, 1.0, 1.0])
+        assert sum(scheduler.gates.values()) >= 2
+        assert scheduler.gates["b"]
+        assert scheduler.gates["c"]
+
+
+def test_every_gate_off_gives_a_zero_loss_with_a_gradient_path() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Fixed([0.0, 0.0])], min_active_tasks=0)
+    scheduler.step([1.0, 1.0])
+    scheduler.step([1.0, 1.0])
+    assert scheduler.active_tasks == ()
+    losses = torch.tensor([0.5, math.nan], requires_grad=True)
+    total = scheduler(losses)
+    assert total.item() == 0.0
+    total.backward()
+    assert losses.grad is not None
+    assert losses.grad.tolist() == [0.0, 0.0]
+
+
+def test_the_loss_is_the_gated_weighted_sum() -> None:
+    scheduler = TaskDropScheduler(
+        ["a", "b", "c"], [Fixed([1.0, 0.0, 1.0])], loss_scaling=True, generator=0
+    )
+    losses = torch.tensor([2.0, 1.0, 0.5], requires_grad=True)
+    assert scheduler(losses).item() == pytest.approx(3.5)  # before any step: plain sum
+    scheduler.step()  # baseline [2, 1, 0.5]: w = mean / baseline = [7/12, 7/6, 7/3]
+    assert list(scheduler.loss_weights.values()) == pytest.approx([7 / 12, 7 / 6, 7 / 3])
+    scheduler.step([1.0, math.inf, 0.25])
+    assert scheduler.gates == {"a": True, "b": False, "c": True}
+    losses = torch.tensor([1.0, math.nan, 0.25], requires_grad=True)
+    weighted = scheduler.weighted_losses(losses)
+    assert weighted.tolist() == pytest.approx([7 / 12, 0.0, 7 / 12])
+    weighted.sum().backward()
+    assert losses.grad is not None
+    assert losses.grad.tolist() == pytest.approx([7 / 12, 0.0, 7 / 3])
+
+
+def test_epoch_means_skip_unlabelled_and_non_finite_steps() -> None:
+    scheduler = TaskDropScheduler(["a", "b", "c"], [Constant()])
+    scheduler(torch.tensor([1.0, 4.0, 0.0]), torch.tensor([2, 1, 0]))
+    scheduler(torch.tensor([3.0, math.nan, 0.0]), torch.tensor([5, 1, 0]))
+    scheduler(torch.tensor([2.0, 2.0, 0.0]), torch.tensor([1, 0, 0]))
+    scheduler.step()
+    losses = scheduler.epoch_losses
+    assert losses["a"] == pytest.approx(2.0)
+    assert losses["b"] == pytest.approx(4.0)  # the NaN step and the unlabelled step are out
+    assert math.isnan(losses["c"])  # no labelled sample in the whole epoch
+    assert math.isnan(scheduler.baseline_losses["c"])
+    scheduler(torch.tensor([1.0, 1.0, 1.0]))
+    scheduler.step()
+    assert scheduler.epoch_losses == {"a": 1.0, "b": 1.0, "c": 1.0}  # accumulators were reset
+
+
+def test_redraw_every_n_steps() -> None:
+    scheduler = TaskDropScheduler(
+        ["a", "b", "c", "d"], [Fixed([0.5] * 4)], redraw_every=3, min_active_tasks=0, generator=3
+    )
+    losses = torch.ones(4)
+    scheduler.step([1.0] * 4)
+    scheduler.step([1.0] * 4)
+    seen = []
+    for _ in range(30):
+        scheduler(losses)
+        seen.append(tuple(scheduler.gates.values()))
+    blocks = [seen[i : i + 3] for i in range(0, 30, 3)]
+    assert all(len(set(block)) == 1 for block in blocks)  # constant within a block of 3
+    assert len(set(seen)) > 3  # and redrawn between blocks
+
+
+def test_state_dict_round_trip_mid_epoch_continues_identically() -> None:
+    def make() -> TaskDropScheduler:
+        return TaskDropScheduler(
+            ["a", "b", "c"],
+            [TaskIncompleteness(), Constant()],
+            loss_scaling=True,
+            redraw_every=2,
+            generator=11,
+        )
+
+    # 6 epochs of 5 steps; the checkpoint falls in the middle of epoch 3.
+    events = [(epoch, step) for epoch in range(6) for step in range(5)]
+
+    def play(scheduler: TaskDropScheduler, part: list[tuple[int, int]]) -> list[object]:
+        record: list[object] = []
+        for epoch, step in part:
+            losses = torch.tensor([1.0, 2.0, 3.0]) / (1 + epoch + step / 5)
+            losses[epoch % 3] *= 0.5
+            record.append(scheduler(losses).item())
+            record.append(scheduler.gates)
+            if step == 4:
+                scheduler.step()
+                record.append((scheduler.keep_probabilities, scheduler.epoch_losses))
+        return record
+
+    uninterrupted = play(make(), events)
+    first = make()
+    before = play(first, events[:17])
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = make()
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert before + play(resumed, events[17:]) == uninterrupted
+
+
+def test_load_state_dict_rejects_other_tasks_or_metrics() -> None:
+    state = TaskDropScheduler(["a", "b"], [Constant()]).state_dict()
+    with pytest.raises(ValueError, match=r"for tasks \['a', 'b'\]"):
+        TaskDropScheduler(["a", "c"], [Constant()]).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"for metrics \['constant'\]"):
+        TaskDropScheduler(["a", "b"], [TaskIncompleteness()]).load_state_dict(state)
+
+
+def test_mean_losses_by_name_sequence_or_tensor() -> None:
+    for means in ({"b": 2.0, "a": 1.0}, [1.0, 2.0], torch.tensor([1.0, 2.0])):
+        scheduler = TaskDropScheduler(["a", "b"], [Constant()])
+        scheduler.step(means)
+        assert scheduler.epoch_losses == {"a": 1.0, "b": 2.0}
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+class OutOfRange(Metric):
+    name = "out_of_range"
+
+    def __call__(self, stats: EpochStatistics) -> Tensor:
+        return torch.tensor([0.5, 1.5], dtype=torch.float64)
+
+
+class WrongLength(Metric):
+    name = "wrong_length"
+
+    def __call__(self, stats: EpochStatistics) -> Tensor:
+        return torch.ones(3)
+
+
+@pytest.mark.parametrize(
+    ("metric", "message"),
+    [
+        (OutOfRange(), r"outside \[0, 1\]: \{'a': 0.5, 'b': 1.5\}"),
+        (WrongLength(), r"shape \(2,\), one value per task, got \(3,\)"),
+    ],
+)
+def test_bad_metric_values(metric: Metric, message: str) -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [metric])
+    scheduler.step([1.0, 1.0])
+    with pytest.raises(ValueError, match=message):
+        scheduler.step([1.0, 1.0])
+
+
+def test_bad_construction() -> None:
+    with pytest.raises(ValueError, match="task list is empty"):
+        TaskDropScheduler([], [Constant()])
+    with pytest.raises(ValueError, match=r"duplicate task names \['a'\]"):
+        TaskDropScheduler(["a", "a"], [Constant()])
+    with pytest.raises(TypeError, match="got the string 'ab'"):
+        TaskDropScheduler("ab", [Constant()])
+    with pytest.raises(ValueError, match="at least one metric"):
+        TaskDropScheduler(["a"], [])
+    with pytest.raises(TypeError, match="Metric instances"):
+        TaskDropScheduler(["a"], [lambda stats: stats])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"duplicate task names \['constant'\]"):
+        TaskDropScheduler(["a"], [Constant(), Constant()])
+    with pytest.raises(ValueError, match="min_active_tasks must be between 0 and"):
+        TaskDropScheduler(["a", "b"], [Constant()], min_active_tasks=3)
+    with pytest.raises(ValueError, match="metric_weights has 2 values for 1 metrics"):
+        TaskDropScheduler(["a"], [Constant()], metric_weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="redraw_every must be"):
+        TaskDropScheduler(["a"], [Constant()], redraw_every=0)
+
+
+def test_bad_step_input() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Constant()])
+    with pytest.raises(ValueError, match=r"shape \(2,\) for tasks \['a', 'b'\], got shape \(3,\)"):
+        scheduler(torch.ones(3))
+    with pytest.raises(ValueError, match=r"label_counts must have shape \(2,\)"):
+        scheduler(torch.ones(2), torch.ones(1))
+    with pytest.raises(ValueError, match=r"mean_losses keys .* missing \['b'\]"):
+        scheduler.step({"a": 1.0})
