@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -77,8 +77,10 @@ SPLIT_NAMES: tuple[str, ...] = ("train", "valid", "test")
 Layout = Literal["official", "kaggle"]
 
 _IMAGE_DIR = "img_align_celeba"
-_OFFICIAL_FILES = ("list_attr_celeba.txt", "list_eval_partition.txt")
-_KAGGLE_FILES = ("list_attr_celeba.csv", "list_eval_partition.csv")
+_LAYOUT_FILES: tuple[tuple[Layout, str, str], ...] = (
+    ("official", "list_attr_celeba.txt", "list_eval_partition.txt"),
+    ("kaggle", "list_attr_celeba.csv", "list_eval_partition.csv"),
+)
 _ACCEPTED_LAYOUTS = (
     "  official: ROOT/img_align_celeba/, ROOT/list_attr_celeba.txt, "
     "ROOT/list_eval_partition.txt (ROOT may also be <data root>/celeba, "
@@ -158,10 +160,7 @@ def locate(root: Path) -> CelebAFiles:
     for base in (root, root / "celeba"):
         if not base.is_dir():
             continue
-        for layout, (attributes_name, partition_name) in (
-            ("official", _OFFICIAL_FILES),
-            ("kaggle", _KAGGLE_FILES),
-        ):
+        for layout, attributes_name, partition_name in _LAYOUT_FILES:
             image_dir = _image_dir(base)
             attributes_file = base / attributes_name
             partition_file = base / partition_name
@@ -179,9 +178,11 @@ def locate(root: Path) -> CelebAFiles:
                     image_dir=image_dir,
                     attributes_file=attributes_file,
                     partition_file=partition_file,
-                    layout="official" if layout == "official" else "kaggle",
+                    layout=layout,
                 )
-            missing_by_candidate.append(f"  {layout} layout in {base}: missing {', '.join(missing)}")
+            missing_by_candidate.append(
+                f"  {layout} layout in {base}: missing {', '.join(missing)}"
+            )
     raise CelebAError(
         f"No complete CelebA copy found under {root}.\n"
         + "\n".join(missing_by_candidate)
@@ -270,11 +271,11 @@ def _read_attribute_table(
         first_row = 2
     if sorted(header) != sorted(ATTRIBUTE_NAMES):
         missing = sorted(set(ATTRIBUTE_NAMES) - set(header))
-        extra = sorted(set(header) - set(ATTRIBUTE_NAMES))
+        unexpected = sorted(set(header) - set(ATTRIBUTE_NAMES)) + _repeated(header)
         raise CelebAError(
             f"{path}: the header line does not list the 40 CelebA attributes "
             f"(missing: {', '.join(missing) or 'none'}; unexpected or repeated: "
-            f"{', '.join(extra) or ', '.join(_repeated(header)) or 'none'}). "
+            f"{', '.join(unexpected) or 'none'}). "
             f"Re-download the file; it may be a different or edited table."
         )
     delimiter = None if files.layout == "official" else ","
@@ -338,7 +339,9 @@ def _read_lines(path: Path) -> list[str]:
         # utf-8-sig drops the byte-order mark some CSV exports start with.
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
-        raise CelebAError(f"Cannot read {path}: {error}. Check the file and its permissions.") from error
+        raise CelebAError(
+            f"Cannot read {path}: {error}. Check the file and its permissions."
+        ) from error
     lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
@@ -358,6 +361,8 @@ def _parse_rows(
     million labels of the real file takes seconds; the slow per-row scan only
     runs to explain an error.
     """
+    if not rows:
+        raise CelebAError(f"{path} has no image rows. Re-download the file.")
     names: list[str] = []
     rests: list[str] = []
     for index, row in enumerate(rows):
@@ -366,8 +371,6 @@ def _parse_rows(
             _raise_bad_row(path, first_row + index, row, n_values)
         names.append(parts[0].strip())
         rests.append(parts[1])
-    if not rows:
-        raise CelebAError(f"{path} has no image rows. Re-download the file.")
     try:
         values = np.loadtxt(rests, dtype=np.int8, delimiter=delimiter, ndmin=2)
     except ValueError:
@@ -381,7 +384,7 @@ def _parse_rows(
     return names, values
 
 
-def _raise_bad_row(path: Path, line_number: int, row: str, n_values: int) -> None:
+def _raise_bad_row(path: Path, line_number: int, row: str, n_values: int) -> NoReturn:
     shown = row if len(row) <= 80 else row[:77] + "..."
     raise CelebAError(
         f"{path} line {line_number}: expected an image name followed by {n_values} "

@@ -74,9 +74,22 @@ class MultiHeadNet(nn.Module):
         return tuple(self.heads.keys())
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        features = self.backbone(x)
-        if self._output_node is None:
+        return self.forward_heads(self.forward_features(x))
+
+    def forward_features(self, x: Tensor) -> Tensor | dict[str, Tensor]:
+        """The shared features: the backbone's output, or a dict by node with ``branches``.
+
+        With :meth:`forward_heads`, this splits :meth:`forward` where a method needs the
+        shared representation, e.g. ``torchjd.autojac.mtl_backward(losses, features=...)``.
+        """
+        features: Tensor | dict[str, Tensor] = self.backbone(x)
+        return features
+
+    def forward_heads(self, features: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each head on the features it reads; the second half of :meth:`forward`."""
+        if isinstance(features, Tensor):
             return {name: head(features) for name, head in self.heads.items()}
+        assert self._output_node is not None
         return {
             name: head(features[self.branches.get(name, self._output_node)])
             for name, head in self.heads.items()

@@ -122,6 +122,7 @@ class TaskDropScheduler:
         # [3, K] running sums (loss, labelled steps, labels) and [K] gate * weight factors.
         self._accumulator: Tensor | None = None
         self._factors: Tensor | None = None
+        self._kept_index: Tensor | None = None
 
     # ----------------------------------------------------------------- per step (no sync)
 
@@ -163,6 +164,19 @@ class TaskDropScheduler:
 
         factors = self._factors.to(losses.dtype)
         return torch.where(factors > 0, losses * factors, torch.zeros_like(losses))
+
+    def kept_losses(self, losses: Tensor, label_counts: Tensor | None = None) -> Tensor:
+        r"""Like :meth:`weighted_losses`, but only the kept tasks: :math:`w_j L_j` for
+        :math:`g_j = 1`, in task order, shape ``[len(active_tasks)]``.
+
+        This is the loss vector to hand to another multi-task method, such as a TorchJD
+        aggregator or scalarizer, so that the dropped tasks never reach it (see
+        ``docs/methods.md``). The selection uses an index kept on the device, so it does not
+        synchronise either.
+        """
+        weighted = self.weighted_losses(losses, label_counts)
+        assert self._kept_index is not None
+        return weighted.index_select(0, self._kept_index)
 
     # ------------------------------------------------------------------ per epoch (syncs)
 
@@ -347,6 +361,7 @@ class TaskDropScheduler:
         if previous is not None:
             self._accumulator.copy_(previous)
         self._factors = self._factors_now().to(device, non_blocking=True)
+        self._kept_index = self._gates.nonzero().squeeze(1).to(device, non_blocking=True)
 
     def _reset_accumulator(self) -> None:
         if self._accumulator is not None:
@@ -397,6 +412,8 @@ class TaskDropScheduler:
         self._gates = gates
         if self._factors is not None:
             self._factors.copy_(self._factors_now(), non_blocking=True)
+            device = self._factors.device
+            self._kept_index = gates.nonzero().squeeze(1).to(device, non_blocking=True)
 
     def _as_dict(self, values: Tensor) -> dict[str, float]:
         return dict(zip(self._task_names, values.tolist(), strict=True))

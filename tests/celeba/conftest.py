@@ -1,0 +1,27 @@
+"""Shared setup for the CelebA example tests.
+
+The example is a script directory, not a package, so its modules are imported
+the way ``python examples/celeba/run.py`` sees them: with that directory on
+``sys.path``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "celeba"
+if str(_EXAMPLE_DIR) not in sys.path:
+    sys.path.insert(0, str(_EXAMPLE_DIR))
+
+from demo_data import generate_demo_celeba  # noqa: E402  (needs the path set above)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo dataset in the official layout, shared by the read-only tests."""
+    root = tmp_path_factory.mktemp("demo_celeba")
+    generate_demo_celeba(root, n_images=120, seed=0)
+    return root
