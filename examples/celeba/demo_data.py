@@ -64,6 +64,7 @@ def generate_demo_celeba(
     seed: int = 0,
     valid_fraction: float = 0.15,
     test_fraction: float = 0.15,
+    progress: bool = True,
 ) -> None:
     """Write ``n_images`` synthetic faces and their annotation files under ``root``.
 
@@ -103,7 +104,9 @@ def generate_demo_celeba(
     labels = _sample_labels(n_images, np.random.default_rng(seed))
     column = {name: index for index, name in enumerate(ATTRIBUTE_NAMES)}
     filenames = [f"{index + 1:06d}.jpg" for index in range(n_images)]
-    for index in tqdm(range(n_images), desc="Generating demo CelebA", unit="img"):
+    for index in tqdm(
+        range(n_images), desc="Generating demo CelebA", unit="img", disable=not progress
+    ):
         row = labels[index]
         cues = _Cues(
             male=bool(row[column["Male"]]),

@@ -84,6 +84,7 @@ def build_cache(
     image_size: int,
     workers: int | None = None,
     desc: str = "Caching images",
+    progress: bool = True,
 ) -> np.memmap[Any, np.dtype[np.uint8]]:
     """Return a read-only uint8 array [N, 3, S, S] of the preprocessed images.
 
@@ -112,7 +113,7 @@ def build_cache(
     temporary = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
     try:
         np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape).flush()
-        _fill(temporary, [str(path) for path in paths], crop, image_size, workers, desc)
+        _fill(temporary, [str(path) for path in paths], crop, image_size, workers, desc, progress)
         os.replace(temporary, cache_file)
     finally:
         temporary.unlink(missing_ok=True)
@@ -155,6 +156,7 @@ def _fill(
     image_size: int,
     workers: int | None,
     desc: str,
+    show_progress: bool,
 ) -> None:
     chunks = [
         (start, paths[start : start + _CHUNK_SIZE]) for start in range(0, len(paths), _CHUNK_SIZE)
@@ -166,7 +168,7 @@ def _fill(
             else os.cpu_count() or 1
         )
     workers = min(workers, len(chunks))
-    with tqdm(total=len(paths), desc=desc, unit="img") as progress:
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not show_progress) as progress:
         if workers <= 1:
             for start, chunk in chunks:
                 progress.update(_decode_chunk(str(cache_file), start, chunk, crop, image_size))

@@ -1,0 +1,217 @@
+"""The multi-task methods the study compares, each a recipe for one training step.
+
+Every method owns a :class:`dstmtl.TaskDropScheduler`: for DST it draws the gates, for the
+other methods it keeps every task (``Constant``) and only gathers the per-task training
+losses. The TorchJD methods receive ``scheduler.kept_losses(...)``, so when DST is combined
+with them the dropped tasks never reach the scalarizer or aggregator.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from celeba_files import CelebAError
+from torch import Tensor, nn
+
+from dstmtl import MultiHeadNet, TaskDropScheduler
+from dstmtl.metrics import (
+    Constant,
+    LabelCount,
+    Metric,
+    NetworkDepth,
+    TaskIncompleteness,
+    TaskStagnancy,
+)
+
+if TYPE_CHECKING:
+    from torchjd.aggregation import Aggregator
+
+DEFAULT_METHODS = ("equal", "dst")
+_BASELINES_EXTRA = "pip install 'dstmtl[baselines]'"
+
+# Short names for --dst-metrics, in the order the paper lists the terms.
+DST_METRICS = ("depth", "labels", "incompleteness", "stagnancy", "constant")
+
+
+@dataclass(frozen=True)
+class _Spec:
+    description: str
+    dst_metrics: tuple[str, ...] = ("constant",)
+    scalarizer: str | None = None
+    aggregator: str | None = None
+
+
+_METHODS: dict[str, _Spec] = {
+    "equal": _Spec("equal weights (the report's baseline)"),
+    "dst": _Spec("DST, task incompleteness alone (the report's choice)", ("incompleteness",)),
+    "dst-all": _Spec("DST, all five terms", DST_METRICS),
+    "uw": _Spec("uncertainty weighting (Kendall et al., 2018)", scalarizer="UW"),
+    "dwa": _Spec("dynamic weight average (Liu et al., 2019)", scalarizer="DWA"),
+    "rlw": _Spec("random loss weighting (Lin et al., 2022)", scalarizer="Random"),
+    "famo": _Spec("FAMO (Liu et al., 2023)", scalarizer="FAMO"),
+    "upgrad": _Spec("UPGrad, Jacobian descent (Quinton & Rey, 2024)", aggregator="UPGrad"),
+    "mgda": _Spec("MGDA (Sener & Koltun, 2018)", aggregator="MGDA"),
+    "pcgrad": _Spec("PCGrad (Yu et al., 2020)", aggregator="PCGrad"),
+    "dst+upgrad": _Spec(
+        "DST (task incompleteness) composed with UPGrad", ("incompleteness",), aggregator="UPGrad"
+    ),
+}
+METHOD_NAMES = tuple(_METHODS)
+
+
+def parse_methods(spec: str) -> tuple[str, ...]:
+    """Comma-separated method names, checked against :data:`METHOD_NAMES`."""
+    names = tuple(name.strip() for name in spec.split(",") if name.strip())
+    unknown = [name for name in names if name not in _METHODS]
+    if unknown or not names:
+        raise CelebAError(
+            f"unknown method(s) {unknown or [spec]}; valid methods: {', '.join(METHOD_NAMES)}"
+        )
+    if len(set(names)) != len(names):
+        raise CelebAError(f"--methods names a method twice: {spec}")
+    return names
+
+
+def parse_dst_metrics(spec: str) -> tuple[str, ...]:
+    """``all`` or comma-separated names from :data:`DST_METRICS`."""
+    names = DST_METRICS if spec.strip() == "all" else tuple(n.strip() for n in spec.split(","))
+    unknown = [name for name in names if name not in DST_METRICS]
+    if unknown or not names:
+        raise CelebAError(
+            f"unknown DST metric(s) {unknown}; valid: all, or any of {', '.join(DST_METRICS)}"
+        )
+    return names
+
+
+def custom_dst_method(metrics: Sequence[str]) -> str:
+    """Register a DST run with the given terms and return its name."""
+    name = "dst-all" if tuple(metrics) == DST_METRICS else "dst-" + "+".join(metrics)
+    _METHODS.setdefault(name, _Spec(f"DST, terms: {', '.join(metrics)}", tuple(metrics)))
+    return name
+
+
+def describe(name: str) -> str:
+    return _METHODS[name].description
+
+
+class Method:
+    """One method's state and its training step."""
+
+    def __init__(
+        self,
+        name: str,
+        model: MultiHeadNet,
+        train_labels: npt.NDArray[np.float32],
+        *,
+        seed: int,
+        distributed: bool,
+    ) -> None:
+        spec = _METHODS[name]
+        self.name = name
+        self.description = spec.description
+        tasks = model.task_names
+        metrics = [_metric(metric, model, train_labels) for metric in spec.dst_metrics]
+        self.scheduler = TaskDropScheduler(tasks, metrics, generator=seed)
+        self.scalarizer: nn.Module | None = _torchjd(
+            "scalarization", spec.scalarizer, name, len(tasks)
+        )
+        self.aggregator: Aggregator | None = _torchjd(
+            "aggregation", spec.aggregator, name, len(tasks)
+        )
+        if self.aggregator is not None and distributed:
+            raise CelebAError(
+                f"method {name!r} aggregates per-task gradients with TorchJD, which this example "
+                "runs on one process only; run it without torchrun"
+            )
+        self._model = model
+
+    def modules(self) -> list[nn.Module]:
+        """The TorchJD modules, to move to the training device."""
+        return [m for m in (self.scalarizer, self.aggregator) if m is not None]
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by the model's optimizer (uncertainty weighting's log-variances).
+
+        FAMO's logits are left out on purpose: FAMO updates them with its own optimizer.
+        """
+        if self.scalarizer is None or type(self.scalarizer).__name__ == "FAMO":
+            return []
+        return list(self.scalarizer.parameters())
+
+    def backward(
+        self, losses: Tensor, counts: Tensor, features: Tensor | dict[str, Tensor] | None = None
+    ) -> None:
+        """Turn the per-task losses into gradients on the model (and method) parameters.
+
+        The aggregator methods need ``features``, the model's shared representation.
+        """
+        if self.aggregator is not None:
+            assert features is not None
+            from torchjd.autojac import jac_to_grad, mtl_backward
+
+            kept = self.scheduler.kept_losses(losses, counts)
+            heads = [list(self._model.heads[t].parameters()) for t in self.scheduler.active_tasks]
+            shared = features if isinstance(features, Tensor) else list(features.values())
+            # The binary losses share graph nodes above the features (one vectorised loss
+            # call), so the graph must survive the per-task backward passes.
+            mtl_backward(list(kept), features=shared, tasks_params=heads, retain_graph=True)
+            jac_to_grad(list(self._model.backbone.parameters()), self.aggregator)
+        elif self.scalarizer is not None:
+            self.scalarizer(self.scheduler.kept_losses(losses, counts)).backward()
+        else:
+            self.scheduler(losses, counts).backward()
+
+    def after_optimizer_step(self, recompute_losses: Callable[[], Tensor]) -> None:
+        """FAMO learns its weights from how the losses moved over the step, on the same batch."""
+        if self.scalarizer is not None and type(self.scalarizer).__name__ == "FAMO":
+            with torch.no_grad():
+                self.scalarizer.update(recompute_losses())  # type: ignore[operator]
+
+    def end_epoch(self) -> None:
+        self.scheduler.step()
+        if self.scalarizer is not None and type(self.scalarizer).__name__ == "DWA":
+            self.scalarizer.step()  # type: ignore[operator]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "modules": [module.state_dict() for module in self.modules()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        for module, module_state in zip(self.modules(), state["modules"], strict=True):
+            module.load_state_dict(module_state)
+
+
+def _metric(name: str, model: MultiHeadNet, train_labels: npt.NDArray[np.float32]) -> Metric:
+    if name == "depth":
+        return NetworkDepth(model)
+    if name == "labels":
+        return LabelCount(torch.from_numpy(train_labels))
+    if name == "incompleteness":
+        return TaskIncompleteness()
+    if name == "stagnancy":
+        return TaskStagnancy()
+    return Constant()
+
+
+def _torchjd(kind: str, class_name: str | None, method: str, tasks: int) -> Any:
+    """A TorchJD scalarizer or aggregator by class name (``None`` for none)."""
+    if class_name is None:
+        return None
+    try:
+        module = importlib.import_module(f"torchjd.{kind}")
+        factory = getattr(module, class_name)
+        return factory(tasks) if class_name in ("UW", "FAMO") else factory()
+    except ImportError as error:
+        raise CelebAError(
+            f"method {method!r} needs TorchJD and its solvers ({error}); install them with "
+            f"{_BASELINES_EXTRA}"
+        ) from error

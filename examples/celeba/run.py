@@ -1,0 +1,416 @@
+"""Reproduce the CelebA multi-task study: the equal-weight baseline, then DST.
+
+    python examples/celeba/run.py --root /data/celeba            # the report's study
+    python examples/celeba/run.py --demo                          # a one-minute stand-in
+    torchrun --nproc_per_node=4 examples/celeba/run.py --root ... # several GPUs
+
+See docs/celeba.md for the data, every option and every output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import reporting
+import torch
+import torch.distributed as dist
+from celeba_files import (
+    DEFAULT_ATTRIBUTES,
+    CelebAError,
+    CelebASplit,
+    load_splits,
+    locate,
+    parse_attributes,
+)
+from demo_data import generate_demo_celeba
+from image_cache import DeviceBatches, ImageFolderDataset, build_cache
+from methods import DEFAULT_METHODS, custom_dst_method, parse_dst_metrics, parse_methods
+from study import Settings, run_method
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler
+
+import dstmtl
+from dstmtl import MultiHeadNet
+
+_STUDY_FILE = "study.json"
+# The demo's defaults: small enough for about a minute on a 2-core CPU.
+_DEMO = {"epochs": 3, "batch_size": 32, "image_size": 64, "weights": "none", "demo_images": 1200}
+_FULL = {"epochs": 5, "batch_size": 256, "image_size": 128, "weights": "DEFAULT", "demo_images": 0}
+# Options that may differ between an interrupted run and its --resume.
+_NOT_COMPARED = {"resume", "overwrite", "progress", "download", "workers", "cache_dir"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    rank, world_size, device = _start_processes(args.device)
+    try:
+        return _study(args, rank, world_size, device)
+    except CelebAError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def _study(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> int:
+    defaults = _DEMO if args.demo else _FULL
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if not args.demo and args.root is None:
+        raise CelebAError("give --root, the folder with the CelebA files, or --demo")
+    attributes = parse_attributes(args.attributes)
+    methods = list(parse_methods(args.methods))
+    if args.dst_metrics:
+        extra = custom_dst_method(parse_dst_metrics(args.dst_metrics))
+        methods += [extra] if extra not in methods else []
+    out = Path(args.out or f"runs/{'demo' if args.demo else 'celeba'}-{_now('%Y%m%d-%H%M%S')}")
+    config = {k: v for k, v in vars(args).items() if k not in _NOT_COMPARED}
+    if rank == 0:
+        _prepare_out(out, config, resume=args.resume, overwrite=args.overwrite)
+    _barrier(world_size)
+
+    root = out / "demo_data" if args.demo else Path(args.root)
+    if args.demo and rank == 0 and not (root / "list_eval_partition.txt").exists():
+        generate_demo_celeba(
+            root, n_images=args.demo_images, seed=args.seed, progress=args.progress
+        )
+    if args.download and rank == 0:
+        _download(root)
+    _barrier(world_size)
+    files = locate(root)
+    splits = load_splits(files, attributes)
+
+    def build_model() -> MultiHeadNet:
+        weights = None if args.weights.lower() == "none" else args.weights
+        try:
+            return MultiHeadNet.from_torchvision("resnet18", attributes, weights=weights)
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise CelebAError(f"{error}. Pass --weights none to train from scratch.") from error
+
+    build_model()  # fail on missing weights now, before the long data work
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache" if args.demo else None
+    batches = _batch_source(args, splits, files.image_dir, cache_dir, rank, world_size, device)
+    settings = Settings(
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        seed=args.seed,
+        device=device,
+        compile=args.compile,
+        progress=args.progress,
+        rank=rank,
+        world_size=world_size,
+        checkpoint_dir=out / "checkpoints",
+    )
+    results = reporting.Results(
+        study=_study_info(args, attributes, root, device, world_size),
+        majority_baseline=_majority(splits["train"].labels, splits["test"].labels, attributes),
+        test_positive_rate=_positive_rate(splits["test"].labels, attributes),
+        runs={},
+    )
+    for method in methods:
+        results["runs"][method] = run_method(
+            method, build_model, batches, splits["train"].labels, settings
+        )
+    results["study"]["finished"] = _now()
+    if rank == 0:
+        reporting.write_report(results, out, terms_epoch=args.terms_epoch)
+        print(reporting.summary(results, out_dir=out))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Multi-task CelebA study: equal weights vs Dropped Scheduled Task (DST).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--root", help="folder with the CelebA files (official or Kaggle layout)")
+    data.add_argument("--download", action="store_true", help="fetch CelebA with torchvision")
+    data.add_argument(
+        "--attributes",
+        default=",".join(DEFAULT_ATTRIBUTES),
+        help="comma-separated attribute names, or 'all' for the 40",
+    )
+    data.add_argument("--crop", type=int, default=178, help="centre crop (square, pixels)")
+    data.add_argument("--image-size", type=int, help="training resolution [128; demo 64]")
+    data.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="decode JPEGs every epoch with a DataLoader instead of the uint8 cache",
+    )
+    data.add_argument("--cache-dir", help="where the uint8 cache lives [~/.cache/dstmtl]")
+    data.add_argument("--workers", type=int, default=None, help="decoding processes [all cores]")
+
+    training = parser.add_argument_group("training")
+    training.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated methods to compare (see docs/methods.md)",
+    )
+    training.add_argument("--dst-metrics", help="add a DST run with these terms, e.g. 'all'")
+    training.add_argument("--epochs", type=int, help="epochs per method [5; demo 3]")
+    training.add_argument("--batch-size", type=int, help="per process [256; demo 32]")
+    training.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    training.add_argument("--weights", help="torchvision weights, or 'none' [DEFAULT; demo none]")
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--device", help="cuda, cpu, ... [cuda when available]")
+    training.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", help="the study's folder [runs/<dataset>-<time>]")
+    output.add_argument("--resume", action="store_true", help="continue the study in --out")
+    output.add_argument("--overwrite", action="store_true", help="replace the study in --out")
+    output.add_argument("--terms-epoch", type=int, help="epoch of the terms table [the last]")
+    output.add_argument("--no-progress", dest="progress", action="store_false")
+
+    demo = parser.add_argument_group("demo")
+    demo.add_argument(
+        "--demo",
+        action="store_true",
+        help="generate a small stand-in in the CelebA format and run on it",
+    )
+    demo.add_argument("--demo-images", type=int, help="images in the stand-in [1200]")
+    return parser
+
+
+def _start_processes(device_name: str | None) -> tuple[int, int, torch.device]:
+    """Join the process group that torchrun describes in the environment, if any."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available() if device_name is None else device_name.startswith("cuda")
+    if world_size > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(local_rank)
+            return rank, world_size, torch.device("cuda", local_rank)
+        return rank, world_size, torch.device("cpu")
+    device = torch.device(device_name or ("cuda" if cuda else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return rank, world_size, device
+
+
+def _prepare_out(out: Path, config: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+    study_file = out / _STUDY_FILE
+    if resume:
+        if not study_file.exists():
+            raise CelebAError(f"--resume: {out} holds no study to resume (no {_STUDY_FILE})")
+        saved = json.loads(study_file.read_text())
+        differing = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
+        if differing:
+            details = ", ".join(
+                f"{k}: was {saved.get(k)!r}, now {config.get(k)!r}" for k in differing
+            )
+            raise CelebAError(f"--resume needs the options of the interrupted study; {details}")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            what = "another study" if study_file.exists() else "other files"
+            raise CelebAError(
+                f"{out} already holds {what}; pass --resume to continue it, --overwrite to "
+                "replace it, or choose another --out"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    reporting.write_json(config, study_file)
+
+
+def _download(root: Path) -> None:
+    import torchvision
+
+    try:
+        torchvision.datasets.CelebA(str(root), split="all", target_type="attr", download=True)
+    except Exception as error:  # torchvision raises anything from URLError to gdown's errors
+        raise CelebAError(
+            f"could not download CelebA with torchvision ({type(error).__name__}: {error}). "
+            "Download img_align_celeba.zip, list_attr_celeba.txt and list_eval_partition.txt "
+            "from the CelebA page by hand, unpack them into one folder and pass it as --root"
+        ) from error
+
+
+class _JpegBatches:
+    """The fallback: decode every JPEG each epoch with DataLoader worker processes."""
+
+    def __init__(
+        self,
+        split: CelebASplit,
+        image_dir: Path,
+        args: argparse.Namespace,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        train: bool,
+    ) -> None:
+        self._dataset = ImageFolderDataset(
+            split.image_paths(image_dir), split.labels, crop=args.crop, image_size=args.image_size
+        )
+        self._args, self._device, self._train = args, device, train
+        self._sampler: DistributedSampler[int] | None = (
+            DistributedSampler(self._dataset, world_size, rank, shuffle=True, seed=args.seed)
+            if train and world_size > 1
+            else None
+        )
+        self._epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def __len__(self) -> int:
+        samples = len(self._sampler) if self._sampler is not None else len(self._dataset)
+        return -(-samples // int(self._args.batch_size))
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self._sampler is not None:
+            self._sampler.set_epoch(self._epoch)
+        loader = DataLoader(
+            self._dataset,
+            batch_size=self._args.batch_size,
+            shuffle=self._train and self._sampler is None,
+            sampler=self._sampler,
+            generator=torch.Generator().manual_seed(self._args.seed + self._epoch),
+            num_workers=self._args.workers
+            if self._args.workers is not None
+            else os.cpu_count() or 1,
+            pin_memory=self._device.type == "cuda",
+        )
+        for images, labels in loader:
+            yield (
+                images.to(self._device, non_blocking=True),
+                labels.to(self._device, non_blocking=True),
+            )
+
+
+def _batch_source(
+    args: argparse.Namespace,
+    splits: dict[str, CelebASplit],
+    image_dir: Path,
+    cache_dir: Path | None,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> Any:
+    loaders: dict[str, DeviceBatches | _JpegBatches] = {}
+    for name, split in splits.items():
+        train = name == "train"
+        # Evaluation runs the whole split on every rank (see study.evaluate).
+        shard_rank, shard_world = (rank, world_size) if train else (0, 1)
+        if not args.cache:
+            loaders[name] = _JpegBatches(
+                split, image_dir, args, shard_rank, shard_world, device, train
+            )
+            continue
+        directory = (
+            cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dstmtl"
+        )
+        if rank == 0:
+            images = build_cache(
+                split.image_paths(image_dir),
+                directory,
+                crop=args.crop,
+                image_size=args.image_size,
+                workers=args.workers,
+                desc=f"caching {name}",
+                progress=args.progress,
+            )
+        _barrier(world_size)
+        if rank != 0:
+            images = build_cache(
+                split.image_paths(image_dir), directory, crop=args.crop, image_size=args.image_size
+            )
+        preload = device.type == "cuda" and _fits_on_device(images, device)
+        loaders[name] = DeviceBatches(
+            images,
+            split.labels,
+            batch_size=args.batch_size,
+            device=device,
+            shuffle=train,
+            seed=args.seed,
+            rank=shard_rank,
+            world_size=shard_world,
+            preload=preload,
+        )
+
+    def batches(split: str, *, epoch: int) -> DeviceBatches | _JpegBatches:
+        loaders[split].set_epoch(epoch)
+        return loaders[split]
+
+    return batches
+
+
+def _fits_on_device(images: npt.NDArray[np.uint8], device: torch.device) -> bool:
+    free, _ = torch.cuda.mem_get_info(device)
+    return bool(images.nbytes < 0.5 * free)  # leave half for training
+
+
+def _majority(
+    train: npt.NDArray[np.float32], test: npt.NDArray[np.float32], attributes: Sequence[str]
+) -> dict[str, float]:
+    """Test accuracy of always predicting each attribute's majority class in training."""
+    majority = (np.nanmean(train, axis=0) >= 0.5).astype(np.float32)
+    accuracy = (test == majority).mean(axis=0)
+    return dict(zip(attributes, accuracy.tolist(), strict=True))
+
+
+def _positive_rate(labels: npt.NDArray[np.float32], attributes: Sequence[str]) -> dict[str, float]:
+    return dict(zip(attributes, np.nanmean(labels, axis=0).tolist(), strict=True))
+
+
+def _study_info(
+    args: argparse.Namespace,
+    attributes: Sequence[str],
+    root: Path,
+    device: torch.device,
+    world_size: int,
+) -> reporting.Study:
+    cuda = device.type == "cuda"
+    return reporting.Study(
+        command=shlex.join([Path(sys.executable).name, *sys.argv]),
+        argv=sys.argv[1:],
+        dstmtl_version=dstmtl.__version__,
+        torch_version=torch.__version__,
+        seed=args.seed,
+        hardware=reporting.Hardware(
+            device=str(device),
+            device_name=torch.cuda.get_device_name(device) if cuda else platform.processor(),
+            cpu=f"{platform.machine()}, {os.cpu_count()} cores",
+            gpus=world_size if cuda else 0,
+        ),
+        dataset="demo" if args.demo else "celeba",
+        root=str(root),
+        attributes=list(attributes),
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        started=_now(),
+        finished=None,
+    )
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def _now(fmt: str | None = None) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime(fmt) if fmt else now.isoformat(timespec="seconds")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

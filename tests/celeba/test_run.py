@@ -1,0 +1,243 @@
+"""The whole study, end to end on a tiny generated set, and every bad input of the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.error import URLError
+
+import pytest
+import run
+import study
+import torch
+import torchvision
+
+TINY = ["--epochs", "2", "--batch-size", "16", "--image-size", "32", "--no-progress"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_demo(out: Path, *extra: str) -> list[str]:
+    return ["--demo", "--demo-images", "120", "--out", str(out), *TINY, *extra]
+
+
+def without_timings(value: Any) -> Any:
+    """The results minus what depends on the clock."""
+    if isinstance(value, dict):
+        return {
+            key: without_timings(item)
+            for key, item in value.items()
+            if key not in {"seconds", "wall_seconds", "started", "finished"}
+        }
+    if isinstance(value, list):
+        return [without_timings(item) for item in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "demo"
+    assert run.main(tiny_demo(out)) == 0
+    return out
+
+
+def test_demo_study_writes_every_output(finished_study: Path) -> None:
+    results = json.loads((finished_study / "metrics.json").read_text())
+    tasks = results["study"]["attributes"]
+    assert len(tasks) == 8
+    assert list(results["runs"]) == ["equal", "dst"]
+    for name, entry in results["runs"].items():
+        assert entry["method"] == name
+        assert len(entry["epochs"]) == 2
+        test = entry["test"]
+        for score in ("accuracy", "balanced_accuracy", "f1"):
+            assert set(test[score]) == set(tasks)
+            assert all(0.0 <= value <= 1.0 for value in test[score].values())
+        assert test["mean_accuracy"] == pytest.approx(sum(test["accuracy"].values()) / 8)
+        assert 0 <= entry["selected_epoch"] < 2
+    dst_epoch = results["runs"]["dst"]["epochs"][1]
+    assert set(dst_epoch["terms"]) == {"task_incompleteness"}
+    assert all(0.0 <= p <= 1.0 for p in dst_epoch["keep_probabilities"].values())
+    assert results["study"]["command"]
+    assert results["study"]["dstmtl_version"]
+
+    report = (finished_study / "results.md").read_text()
+    for task in tasks:
+        assert task in report
+    pngs = sorted(finished_study.glob("*.png"))
+    assert {p.name for p in pngs} >= {
+        "accuracy.png",
+        "training_loss_equal.png",
+        "training_loss_dst.png",
+    }
+    assert all(p.read_bytes().startswith(PNG) for p in pngs)
+
+
+def test_checkpoints_load_with_weights_only(finished_study: Path) -> None:
+    for method in ("equal", "dst"):
+        state = torch.load(finished_study / "checkpoints" / f"{method}.pt", weights_only=True)
+        assert state["result"]["method"] == method
+    assert not list(finished_study.rglob("*.tmp"))
+
+
+def test_resumed_study_equals_an_uninterrupted_one(
+    finished_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "interrupted"
+    saves = 0
+    original = study.save_checkpoint
+
+    def crash_after_first_epoch(
+        path: Path, state: dict[str, Any], settings: study.Settings
+    ) -> None:
+        nonlocal saves
+        original(path, state, settings)
+        saves += 1
+        if saves == 3:  # equal: 2 epochs + its result; dst: after its first epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "save_checkpoint", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(tiny_demo(out))
+    assert saves == 3
+    monkeypatch.setattr(study, "save_checkpoint", original)
+    assert run.main(tiny_demo(out, "--resume")) == 0
+
+    resumed = json.loads((out / "metrics.json").read_text())
+    uninterrupted = json.loads((finished_study / "metrics.json").read_text())
+    assert without_timings(resumed["runs"]) == without_timings(uninterrupted["runs"])
+
+
+def test_all_five_terms_as_an_extra_run(tmp_path: Path) -> None:
+    out = tmp_path / "all"
+    code = run.main(tiny_demo(out, "--methods", "dst", "--dst-metrics", "all", "--epochs", "3"))
+    assert code == 0
+    results = json.loads((out / "metrics.json").read_text())
+    assert list(results["runs"]) == ["dst", "dst-all"]
+    terms = results["runs"]["dst-all"]["epochs"][2]["terms"]
+    assert set(terms) == {
+        "network_depth",
+        "label_count",
+        "task_incompleteness",
+        "task_stagnancy",
+        "constant",
+    }
+    assert set(terms["network_depth"].values()) == {1.0}  # every head on the same backbone
+    probabilities = results["runs"]["dst-all"]["epochs"][2]["keep_probabilities"]
+    assert all(p >= 0.2 - 1e-9 for p in probabilities.values())
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def fails(argv: list[str], capsys: pytest.CaptureFixture[str], *patterns: str) -> None:
+    assert run.main(argv) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ")
+    assert "Traceback" not in message
+    for pattern in patterns:
+        assert pattern in message, (pattern, message)
+
+
+def test_missing_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fails(["--out", str(tmp_path / "o"), *TINY], capsys, "--root")
+    fails(
+        ["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"), *TINY],
+        capsys,
+        "nowhere",
+    )
+
+
+def test_missing_files_name_the_file_and_the_layouts(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "celeba"
+    shutil.copytree(demo_root, root)
+    (root / "list_eval_partition.txt").unlink()
+    argv = ["--root", str(root), "--out", str(tmp_path / "o"), "--weights", "none", *TINY]
+    fails(argv, capsys, "list_eval_partition.txt", "kaggle")
+
+
+def test_unknown_attribute_lists_the_valid_ones(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--root", str(demo_root), "--out", str(tmp_path / "o"), "--attributes", "Male,Smilng"]
+    fails(argv, capsys, "Smilng", "Wearing_Necktie")
+
+
+def test_unknown_method_lists_the_valid_ones(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--root", str(demo_root), "--out", str(tmp_path / "o"), "--methods", "equal,gradnorm"]
+    fails(argv, capsys, "gradnorm", "upgrad", "famo")
+
+
+def test_an_out_folder_with_another_study_is_refused(
+    finished_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fails(tiny_demo(finished_study), capsys, "another study", "--resume", "--overwrite")
+    fails(tiny_demo(tmp_path / "empty", "--resume"), capsys, "no study to resume")
+    changed = tiny_demo(finished_study, "--resume", "--seed", "3")
+    fails(changed, capsys, "seed: was 0, now 3")
+
+
+def test_missing_weights_say_where_to_put_them(
+    demo_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    argv = ["--root", str(demo_root), "--out", str(tmp_path / "o"), *TINY]
+    fails(argv, capsys, str(tmp_path / "torch" / "hub" / "checkpoints"), "--weights none")
+
+
+def test_download_failure_is_explained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Failed to download (no network)")
+
+    monkeypatch.setattr(torchvision.datasets, "CelebA", offline)
+    argv = ["--root", str(tmp_path / "data"), "--download", "--out", str(tmp_path / "o"), *TINY]
+    fails(argv, capsys, "could not download CelebA", "--root")
+
+
+def test_an_unreadable_jpeg_is_named(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "celeba"
+    shutil.copytree(demo_root, root)
+    broken = root / "img_align_celeba" / "000007.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    argv = ["--root", str(root), "--out", str(tmp_path / "o"), "--weights", "none", *TINY]
+    fails(argv, capsys, "000007.jpg")
+
+
+def test_mismatched_partition_file(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "celeba"
+    shutil.copytree(demo_root, root)
+    partition = root / "list_eval_partition.txt"
+    partition.write_text(partition.read_text().replace("000003.jpg", "999999.jpg"))
+    argv = ["--root", str(root), "--out", str(tmp_path / "o"), "--weights", "none", *TINY]
+    fails(argv, capsys, "999999.jpg")
+
+
+def test_scores_by_hand() -> None:
+    # Task 0: TP 3, FP 1, FN 2, TN 4. Task 1: only negatives, all right.
+    counts = torch.tensor([[3, 0], [1, 0], [2, 0], [4, 6]])
+    scores = study.scores(counts, ("a", "b"))
+    assert scores["accuracy"] == pytest.approx({"a": 0.7, "b": 1.0})
+    assert scores["balanced_accuracy"]["a"] == pytest.approx((3 / 5 + 4 / 5) / 2)
+    assert scores["balanced_accuracy"]["b"] == pytest.approx(0.5)
+    assert scores["f1"]["a"] == pytest.approx(6 / 9)
+    assert scores["f1"]["b"] == 0.0
+    assert not math.isnan(scores["mean_f1"])
