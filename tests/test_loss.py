@@ -154,3 +154,9 @@ def test_bad_task_specs() -> None:
         loss({"a": torch.zeros(2, 3)}, {"a": torch.zeros(2, 3)})
     with pytest.raises(RuntimeError, match="after the first call"):
         _ = MaskedMultiTaskLoss({"a": "binary"}).label_counts
+
+
+def test_negative_class_indices_other_than_minus_one_are_rejected() -> None:
+    loss = MaskedMultiTaskLoss({"c": "multiclass"})
+    with pytest.raises((IndexError, RuntimeError), match="-100"):
+        loss({"c": torch.zeros(2, 3)}, {"c": torch.tensor([-100, 1])})

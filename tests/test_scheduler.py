@@ -226,7 +226,7 @@ def test_bad_construction() -> None:
         TaskDropScheduler(["a"], [])
     with pytest.raises(TypeError, match="Metric instances"):
         TaskDropScheduler(["a"], [lambda stats: stats])  # type: ignore[list-item]
-    with pytest.raises(ValueError, match=r"duplicate task names \['constant'\]"):
+    with pytest.raises(ValueError, match=r"metric names must differ, \['constant'\]"):
         TaskDropScheduler(["a"], [Constant(), Constant()])
     with pytest.raises(ValueError, match="min_active_tasks must be between 0 and"):
         TaskDropScheduler(["a", "b"], [Constant()], min_active_tasks=3)
@@ -244,3 +244,22 @@ def test_bad_step_input() -> None:
         scheduler(torch.ones(2), torch.ones(1))
     with pytest.raises(ValueError, match=r"mean_losses keys .* missing \['b'\]"):
         scheduler.step({"a": 1.0})
+
+
+def test_state_dict_carries_the_settings() -> None:
+    original = TaskDropScheduler(
+        ["a", "b"],
+        [Constant(), TaskIncompleteness()],
+        metric_weights=[1.0, 3.0],
+        loss_scaling=True,
+        min_active_tasks=2,
+        redraw_every=4,
+    )
+    restored = TaskDropScheduler(["a", "b"], [Constant(), TaskIncompleteness()])
+    restored.load_state_dict(original.state_dict())
+    assert restored.loss_scaling
+    assert restored.min_active_tasks == 2
+    assert restored.redraw_every == 4
+    restored.step([1.0, 2.0])
+    restored.step([0.5, 2.0])  # u = [2/3, 1]
+    assert list(restored.keep_probabilities.values()) == pytest.approx([(1 + 2) / 4, 1.0])

@@ -168,7 +168,9 @@ def _squared(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def _cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(outputs, targets, reduction="none")
+    # Missing labels (-1) were replaced by 0 already; ignore_index=-1 makes any other negative
+    # index an error instead of the silent 0 loss of the default ignore_index=-100.
+    return F.cross_entropy(outputs, targets, reduction="none", ignore_index=_MISSING_CLASS)
 
 
 def _per_sample_callable(loss: PerSampleLoss, name: str) -> Callable[[Tensor, Tensor], Tensor]:

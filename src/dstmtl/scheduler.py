@@ -54,7 +54,8 @@ class TaskDropScheduler:
             come up, the dropped tasks with the highest :math:`p_j` are switched back on.
             ``0`` allows an update with every task dropped (its loss is then 0).
         redraw_every: Draw new gates every this many calls instead of once per epoch (the
-            paper's schedule). The probabilities still change only at :meth:`step`.
+            paper's schedule). The probabilities still change only at :meth:`step`. The draw
+            happens on the host inside the call, so this mode is not for compiled code.
         generator: The source of randomness for the draws: a ``torch.Generator`` (CPU), a
             seed, or ``None`` for a generator seeded from torch's global generator.
 
@@ -189,7 +190,9 @@ class TaskDropScheduler:
             mean_losses: The epoch's mean loss per task (a mapping by task name, a sequence
                 or a tensor in task order). By default, the means of what the calls since
                 the last :meth:`step` recorded, summed over all ranks under
-                :mod:`torch.distributed`. NaN marks a task that was not measured.
+                :mod:`torch.distributed`. NaN marks a task that was not measured. Given
+                means are used as they are: they are not summed over ranks, and the epoch's
+                label counts are 0.
         """
         if mean_losses is None:
             means, counts = self._collect_epoch()
@@ -280,10 +283,18 @@ class TaskDropScheduler:
     # ---------------------------------------------------------------------- checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume, the random state included; tensors are on the CPU."""
+        """Everything needed to resume, the random state included; tensors are on the CPU.
+
+        Mid-epoch, the state holds this process's running sums; under
+        :mod:`torch.distributed` save at epoch boundaries, where they are empty.
+        """
         return {
             "task_names": list(self._task_names),
             "metric_names": [metric.name for metric in self._metrics],
+            "metric_weights": list(self._metric_weights),
+            "loss_scaling": self.loss_scaling,
+            "min_active_tasks": self.min_active_tasks,
+            "redraw_every": self.redraw_every,
             "epoch": self._epoch,
             "baseline": self._baseline.clone(),
             "previous": self._previous.clone(),
@@ -300,7 +311,11 @@ class TaskDropScheduler:
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the tasks and metrics must be the same."""
+        """Restore a :meth:`state_dict`; the tasks and metrics must be the same.
+
+        Like the schedulers in :mod:`torch.optim.lr_scheduler`, the settings (metric weights,
+        loss scaling, minimum of active tasks, redraw period) come from the state too.
+        """
         if list(state_dict["task_names"]) != list(self._task_names):
             raise ValueError(
                 f"state_dict is for tasks {list(state_dict['task_names'])}, "
@@ -312,6 +327,11 @@ class TaskDropScheduler:
                 f"state_dict is for metrics {list(state_dict['metric_names'])}, "
                 f"this scheduler has {metric_names}"
             )
+        self._metric_weights = tuple(float(w) for w in state_dict["metric_weights"])
+        self.loss_scaling = bool(state_dict["loss_scaling"])
+        self.min_active_tasks = int(state_dict["min_active_tasks"])
+        redraw_every = state_dict["redraw_every"]
+        self.redraw_every = None if redraw_every is None else int(redraw_every)
         self._epoch = int(state_dict["epoch"])
         self._baseline = state_dict["baseline"].clone()
         self._previous = state_dict["previous"].clone()
@@ -432,7 +452,12 @@ def _check_metrics(metrics: Sequence[Metric]) -> tuple[Metric, ...]:
                 f"{metric!r} ({type(metric).__name__})"
             )
     names = [metric.name for metric in metrics]
-    check_task_names(names, owner="TaskDropScheduler metric names")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"TaskDropScheduler: metric names must differ, {repeated} appear more than once; "
+            "give a custom metric its own `name`"
+        )
     return metrics
 
 

@@ -28,9 +28,12 @@ class TaskStagnancy(Metric):
     falls fast (large :math:`R_j`) is dropped more often; a stagnating task keeps
     :math:`s_j = 1`. Scaling a task's losses by a constant does not change :math:`s`.
 
-    Edge cases: :math:`r_j` is undefined when the task has no finite loss this epoch or the
-    last, when :math:`\bar L_j(e-1) = 0` or when :math:`u_j = 0`; then :math:`R_j` is left
-    as it is. A task without :math:`R_j` yet, or with :math:`R_j = 0`, gets :math:`s_j = 1`,
+    :math:`\bar L_j(e-1)` is the task's last finite epoch mean before :math:`e` (the previous
+    epoch's, unless that one was not measured).
+
+    Edge cases: :math:`r_j` is undefined when the task has no finite loss this epoch or
+    none before it, when :math:`\bar L_j(e-1) = 0` or when :math:`u_j = 0`; then :math:`R_j`
+    is left as it is. A task without :math:`R_j` yet, or with :math:`R_j = 0`, gets :math:`s_j = 1`,
     and so does every task while :math:`\bar R = 0`.
 
     Args:
