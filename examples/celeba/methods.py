@@ -115,6 +115,7 @@ class Method:
         spec = _METHODS[name]
         self.name = name
         self.description = spec.description
+        self.drops_tasks = spec.dst_metrics != ("constant",)
         tasks = model.task_names
         metrics = [_metric(metric, model, train_labels) for metric in spec.dst_metrics]
         self.scheduler = TaskDropScheduler(tasks, metrics, generator=seed)

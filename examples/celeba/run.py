@@ -387,7 +387,7 @@ def _study_info(
         seed=args.seed,
         hardware=reporting.Hardware(
             device=str(device),
-            device_name=torch.cuda.get_device_name(device) if cuda else platform.processor(),
+            device_name=torch.cuda.get_device_name(device) if cuda else _cpu_name(),
             cpu=f"{platform.machine()}, {os.cpu_count()} cores",
             gpus=world_size if cuda else 0,
         ),
@@ -400,6 +400,16 @@ def _study_info(
         started=_now(),
         finished=None,
     )
+
+
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often '')."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _barrier(world_size: int) -> None:

@@ -131,7 +131,8 @@ def run_method(
                 train_loss=method.scheduler.epoch_losses,
                 keep_probabilities=method.scheduler.keep_probabilities,
                 gates=method.scheduler.gates,
-                terms=method.scheduler.terms,
+                # The other methods' scheduler only gathers losses: its constant term is noise.
+                terms=method.scheduler.terms if method.drops_tasks else {},
                 loss_weights=method.scheduler.loss_weights,
                 valid={"accuracy": valid["accuracy"], "mean_accuracy": valid["mean_accuracy"]},
                 seconds=time.perf_counter() - started,

@@ -241,3 +241,44 @@ def test_scores_by_hand() -> None:
     assert scores["f1"]["a"] == pytest.approx(6 / 9)
     assert scores["f1"]["b"] == 0.0
     assert not math.isnan(scores["mean_f1"])
+
+
+def test_methods_compared_in_one_harness(tmp_path: Path) -> None:
+    out = tmp_path / "compare"
+    methods = "equal,dst,uw,dwa,rlw,famo,dst+upgrad"
+    assert run.main(tiny_demo(out, "--methods", methods, "--epochs", "3")) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    assert list(results["runs"]) == methods.split(",")
+    # Same seed, data order and model: the first epoch of equal and dst is the same run.
+    first = {name: run_["epochs"][0]["train_loss"] for name, run_ in results["runs"].items()}
+    assert first["dst"] == first["equal"]
+    # DST drew gates after its warm-up; the plain methods record no terms.
+    assert results["runs"]["dst+upgrad"]["epochs"][2]["terms"]
+    assert results["runs"]["uw"]["epochs"][2]["terms"] == {}
+    report = (out / "results.md").read_text()
+    comparison = report.split("## Method comparison")[1].split("\n## ")[0]
+    for name in methods.split(","):
+        assert f"| {name} " in comparison
+    assert "mean rank" in comparison
+    assert "wall time" in comparison
+    assert (out / "accuracy.png").read_bytes().startswith(PNG)
+
+
+def test_a_missing_extra_names_it(
+    demo_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+
+    real_import = importlib.import_module
+
+    def without_torchjd(name: str, package: str | None = None) -> Any:
+        if name.startswith("torchjd"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", without_torchjd)
+    argv = ["--root", str(demo_root), "--out", str(tmp_path / "o"), "--weights", "none", *TINY]
+    fails([*argv, "--methods", "equal,upgrad"], capsys, "dstmtl[baselines]", "upgrad")
