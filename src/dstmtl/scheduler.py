@@ -142,7 +142,7 @@ class TaskDropScheduler:
         r"""Like calling the scheduler, but return the vector :math:`g_j w_j L_j`, shape ``[K]``.
 
         Dropped tasks are exactly 0 (even when their loss is not finite) and keep a gradient
-        path. Useful to hand the kept losses to another weighting method.
+        path. :meth:`kept_losses` gives only the kept tasks.
         """
         self._check_step_input(losses, label_counts)
         if self._accumulator is None or self._accumulator.device != losses.device:
@@ -151,8 +151,10 @@ class TaskDropScheduler:
         assert self._factors is not None
         if self.redraw_every is not None:
             self._calls_since_draw += 1
+            # Probabilities exist from the second step() on; before that every task is kept.
             if self._epoch > 1 and self._calls_since_draw > self.redraw_every:
-                self._set_gates(self._draw_gates())
+                self._gates = self._draw_gates()
+                self._refresh_device_factors()
                 self._calls_since_draw = 1
 
         detached = losses.detach().to(torch.float32)
@@ -217,19 +219,16 @@ class TaskDropScheduler:
                 label_counts=counts,
             )
             self._terms = {metric.name: self._evaluate(metric, stats) for metric in self._metrics}
-            weighted = sum(
-                weight * term
-                for weight, term in zip(self._metric_weights, self._terms.values(), strict=True)
-            )
-            assert isinstance(weighted, Tensor)
-            self._probabilities = (weighted / sum(self._metric_weights)).clamp(0.0, 1.0)
-            self._set_gates(self._draw_gates())
+            weights = torch.tensor(self._metric_weights, dtype=torch.float64)
+            terms = torch.stack(list(self._terms.values()))
+            self._probabilities = (weights @ terms / weights.sum()).clamp(0.0, 1.0)
+            self._gates = self._draw_gates()
         self._previous = torch.where(means.isfinite(), means, self._previous)
         self._epoch_losses = means
         self._label_counts = counts
         self._epoch += 1
         self._calls_since_draw = 0
-        self._set_gates(self._gates)
+        self._refresh_device_factors()
 
     # --------------------------------------------------------------------------- read-outs
 
@@ -353,7 +352,8 @@ class TaskDropScheduler:
             self._accumulator.copy_(saved)
         else:
             self._reset_accumulator()
-        self._set_gates(state_dict["gates"].clone())
+        self._gates = state_dict["gates"].clone()
+        self._refresh_device_factors()
 
     def __repr__(self) -> str:
         return (
@@ -380,8 +380,8 @@ class TaskDropScheduler:
         self._accumulator = torch.zeros(3, len(self._task_names), device=device)
         if previous is not None:
             self._accumulator.copy_(previous)
-        self._factors = self._factors_now().to(device, non_blocking=True)
-        self._kept_index = self._gates.nonzero().squeeze(1).to(device, non_blocking=True)
+        self._factors = torch.empty(len(self._task_names), device=device)
+        self._refresh_device_factors()
 
     def _reset_accumulator(self) -> None:
         if self._accumulator is not None:
@@ -428,12 +428,12 @@ class TaskDropScheduler:
     def _factors_now(self) -> Tensor:
         return (self._gates.to(torch.float64) * self._loss_weights).to(torch.float32)
 
-    def _set_gates(self, gates: Tensor) -> None:
-        self._gates = gates
+    def _refresh_device_factors(self) -> None:
+        """Make the device copies follow the gates and the loss weights."""
         if self._factors is not None:
             self._factors.copy_(self._factors_now(), non_blocking=True)
             device = self._factors.device
-            self._kept_index = gates.nonzero().squeeze(1).to(device, non_blocking=True)
+            self._kept_index = self._gates.nonzero().squeeze(1).to(device, non_blocking=True)
 
     def _as_dict(self, values: Tensor) -> dict[str, float]:
         return dict(zip(self._task_names, values.tolist(), strict=True))
