@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Sized
@@ -97,31 +98,9 @@ def run_method(
         method.load_state_dict(state["method"])
         history, best, first_epoch = state["history"], state["best"], state["epoch"]
 
-    autocast = settings.device.type == "cuda"
     for epoch in range(first_epoch, settings.epochs):
         started = time.perf_counter()
-        # Re-seeded per epoch, so a resumed run draws what an uninterrupted one draws.
-        torch.manual_seed(settings.seed * 1000 + epoch)
-        flips = torch.Generator(settings.device).manual_seed(settings.seed * 1000 + epoch)
-        model.train()
-        train = batches("train", epoch=epoch)
-        for images, labels in _progress(
-            train, f"{method_name} {epoch + 1}/{settings.epochs}", settings
-        ):
-            x = prepare_batch(images, train=True, generator=flips)
-            with torch.autocast(settings.device.type, torch.bfloat16, enabled=autocast):
-                if method.aggregator is not None:
-                    features = model.forward_features(x)
-                    outputs = model.forward_heads(features)
-                else:
-                    features, outputs = None, network(x)
-                losses = loss_fn(outputs, labels)
-            optimizer.zero_grad(set_to_none=True)
-            method.backward(losses, loss_fn.label_counts, features)
-            optimizer.step()
-            method.after_optimizer_step(lambda: loss_fn(network(x), labels))  # noqa: B023
-        method.end_epoch()
-
+        _train_epoch(network, model, method, loss_fn, optimizer, batches, epoch, settings)
         valid = scores(
             evaluate(network, batches, "valid", model.task_names, settings), model.task_names
         )
@@ -170,6 +149,47 @@ def run_method(
     )
     save_checkpoint(checkpoint_path, {"result": dict(result)}, settings)
     return result
+
+
+def _train_epoch(
+    network: torch.nn.Module,
+    model: MultiHeadNet,
+    method: Method,
+    loss_fn: MaskedMultiTaskLoss,
+    optimizer: torch.optim.Optimizer,
+    batches: BatchSource,
+    epoch: int,
+    settings: Settings,
+) -> None:
+    """One pass over the training split; nothing in it reads a device value on the host."""
+    # Re-seeded per epoch, so a resumed run draws what an uninterrupted one draws.
+    torch.manual_seed(settings.seed * 1000 + epoch)
+    flips = torch.Generator(settings.device).manual_seed(settings.seed * 1000 + epoch)
+    autocast = settings.device.type == "cuda"
+    model.train()
+    description = f"{method.name} {epoch + 1}/{settings.epochs}"
+    for images, labels in _progress(batches("train", epoch=epoch), description, settings):
+        x = prepare_batch(images, train=True, generator=flips)
+        with torch.autocast(settings.device.type, torch.bfloat16, enabled=autocast):
+            features = None
+            if method.aggregator is not None:
+                features = model.forward_features(x)
+                outputs = model.forward_heads(features)
+            else:
+                outputs = network(x)
+            losses = loss_fn(outputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        method.backward(losses, loss_fn.label_counts, features)
+        optimizer.step()
+        method.after_optimizer_step(functools.partial(_losses, network, loss_fn, x, labels))
+    method.end_epoch()
+
+
+def _losses(
+    network: torch.nn.Module, loss_fn: MaskedMultiTaskLoss, x: Tensor, labels: Tensor
+) -> Tensor:
+    losses: Tensor = loss_fn(network(x), labels)
+    return losses
 
 
 def evaluate(

@@ -112,11 +112,10 @@ def test_resumed_study_equals_an_uninterrupted_one(
 
 def test_all_five_terms_as_an_extra_run(tmp_path: Path) -> None:
     out = tmp_path / "all"
-    code = run.main(tiny_demo(out, "--methods", "dst", "--dst-metrics", "all", "--epochs", "3"))
-    assert code == 0
+    assert run.main(tiny_demo(out, "--methods", "dst", "--dst-metrics", "all")) == 0
     results = json.loads((out / "metrics.json").read_text())
     assert list(results["runs"]) == ["dst", "dst-all"]
-    terms = results["runs"]["dst-all"]["epochs"][2]["terms"]
+    terms = results["runs"]["dst-all"]["epochs"][1]["terms"]
     assert set(terms) == {
         "network_depth",
         "label_count",
@@ -125,7 +124,7 @@ def test_all_five_terms_as_an_extra_run(tmp_path: Path) -> None:
         "constant",
     }
     assert set(terms["network_depth"].values()) == {1.0}  # every head on the same backbone
-    probabilities = results["runs"]["dst-all"]["epochs"][2]["keep_probabilities"]
+    probabilities = results["runs"]["dst-all"]["epochs"][1]["keep_probabilities"]
     assert all(p >= 0.2 - 1e-9 for p in probabilities.values())
 
 
@@ -246,15 +245,15 @@ def test_scores_by_hand() -> None:
 def test_methods_compared_in_one_harness(tmp_path: Path) -> None:
     out = tmp_path / "compare"
     methods = "equal,dst,uw,dwa,rlw,famo,dst+upgrad"
-    assert run.main(tiny_demo(out, "--methods", methods, "--epochs", "3")) == 0
+    assert run.main(tiny_demo(out, "--methods", methods)) == 0
     results = json.loads((out / "metrics.json").read_text())
     assert list(results["runs"]) == methods.split(",")
     # Same seed, data order and model: the first epoch of equal and dst is the same run.
     first = {name: run_["epochs"][0]["train_loss"] for name, run_ in results["runs"].items()}
     assert first["dst"] == first["equal"]
     # DST drew gates after its warm-up; the plain methods record no terms.
-    assert results["runs"]["dst+upgrad"]["epochs"][2]["terms"]
-    assert results["runs"]["uw"]["epochs"][2]["terms"] == {}
+    assert results["runs"]["dst+upgrad"]["epochs"][1]["terms"]
+    assert results["runs"]["uw"]["epochs"][1]["terms"] == {}
     report = (out / "results.md").read_text()
     comparison = report.split("## Method comparison")[1].split("\n## ")[0]
     for name in methods.split(","):
