@@ -9,7 +9,7 @@ with them the dropped tasks never reach the scalarizer or aggregator.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,38 +66,35 @@ METHOD_NAMES = tuple(_METHODS)
 
 
 def parse_methods(spec: str) -> tuple[str, ...]:
-    """Comma-separated method names, checked against :data:`METHOD_NAMES`."""
+    """Comma-separated method names: :data:`METHOD_NAMES`, or ``dst-<term>+<term>...``."""
     names = tuple(name.strip() for name in spec.split(",") if name.strip())
-    unknown = [name for name in names if name not in _METHODS]
+    unknown = [name for name in names if _spec(name) is None]
     if unknown or not names:
         raise CelebAError(
-            f"unknown method(s) {unknown or [spec]}; valid methods: {', '.join(METHOD_NAMES)}"
+            f"unknown method(s) {unknown or [spec]}; valid methods: {', '.join(METHOD_NAMES)}, "
+            f"or DST with chosen terms as dst-<term>+<term> from {', '.join(DST_METRICS)}"
         )
     if len(set(names)) != len(names):
         raise CelebAError(f"--methods names a method twice: {spec}")
     return names
 
 
-def parse_dst_metrics(spec: str) -> tuple[str, ...]:
-    """``all`` or comma-separated names from :data:`DST_METRICS`."""
-    names = DST_METRICS if spec.strip() == "all" else tuple(n.strip() for n in spec.split(","))
-    unknown = [name for name in names if name not in DST_METRICS]
-    if unknown or not names:
-        raise CelebAError(
-            f"unknown DST metric(s) {unknown}; valid: all, or any of {', '.join(DST_METRICS)}"
-        )
-    return names
-
-
-def custom_dst_method(metrics: Sequence[str]) -> str:
-    """Register a DST run with the given terms and return its name."""
-    name = "dst-all" if tuple(metrics) == DST_METRICS else "dst-" + "+".join(metrics)
-    _METHODS.setdefault(name, _Spec(f"DST, terms: {', '.join(metrics)}", tuple(metrics)))
+def dst_method(spec: str) -> str:
+    """The method name of a DST run with the terms of ``--dst-metrics`` (``all`` or a list)."""
+    if spec.strip() == "all":
+        return "dst-all"
+    name = "dst-" + "+".join(term.strip() for term in spec.split(","))
+    parse_methods(name)
     return name
 
 
-def describe(name: str) -> str:
-    return _METHODS[name].description
+def _spec(name: str) -> _Spec | None:
+    if name in _METHODS:
+        return _METHODS[name]
+    terms = tuple(name.removeprefix("dst-").split("+"))
+    if name.startswith("dst-") and all(term in DST_METRICS for term in terms):
+        return _Spec(f"DST, terms: {', '.join(terms)}", terms)
+    return None
 
 
 class Method:
@@ -112,7 +109,8 @@ class Method:
         seed: int,
         distributed: bool,
     ) -> None:
-        spec = _METHODS[name]
+        spec = _spec(name)
+        assert spec is not None, f"unchecked method name {name!r}"
         self.name = name
         self.description = spec.description
         self.drops_tasks = spec.dst_metrics != ("constant",)

@@ -36,7 +36,7 @@ from celeba_files import (
 )
 from demo_data import generate_demo_celeba
 from image_cache import DeviceBatches, ImageFolderDataset, build_cache
-from methods import DEFAULT_METHODS, custom_dst_method, parse_dst_metrics, parse_methods
+from methods import DEFAULT_METHODS, dst_method, parse_methods
 from study import Settings, run_method
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
@@ -75,7 +75,7 @@ def _study(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
     attributes = parse_attributes(args.attributes)
     methods = list(parse_methods(args.methods))
     if args.dst_metrics:
-        extra = custom_dst_method(parse_dst_metrics(args.dst_metrics))
+        extra = dst_method(args.dst_metrics)
         methods += [extra] if extra not in methods else []
     out = Path(args.out or f"runs/{'demo' if args.demo else 'celeba'}-{_now('%Y%m%d-%H%M%S')}")
     config = {k: v for k, v in vars(args).items() if k not in _NOT_COMPARED}

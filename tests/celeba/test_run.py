@@ -281,3 +281,15 @@ def test_a_missing_extra_names_it(
     monkeypatch.setattr(importlib, "import_module", without_torchjd)
     argv = ["--root", str(demo_root), "--out", str(tmp_path / "o"), "--weights", "none", *TINY]
     fails([*argv, "--methods", "equal,upgrad"], capsys, "dstmtl[baselines]", "upgrad")
+
+
+def test_dst_runs_with_chosen_terms(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import methods
+
+    assert methods.parse_methods("equal,dst-depth+stagnancy") == ("equal", "dst-depth+stagnancy")
+    assert methods.dst_method("labels, constant") == "dst-labels+constant"
+    assert methods.dst_method("all") == "dst-all"
+    argv = ["--root", str(demo_root), "--out", str(tmp_path / "o"), "--dst-metrics", "depth,x"]
+    fails(argv, capsys, "dst-depth+x", "incompleteness")
