@@ -263,3 +263,13 @@ def test_state_dict_carries_the_settings() -> None:
     restored.step([1.0, 2.0])
     restored.step([0.5, 2.0])  # u = [2/3, 1]
     assert list(restored.keep_probabilities.values()) == pytest.approx([(1 + 2) / 4, 1.0])
+
+
+def test_losses_by_name_are_checked_and_ordered() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Constant()])
+    total = scheduler({"b": torch.tensor(2.0), "a": torch.tensor(0.5)})
+    assert total.item() == 2.5
+    scheduler.step()
+    assert scheduler.epoch_losses == {"a": 0.5, "b": 2.0}
+    with pytest.raises(ValueError, match=r"loss names .* missing \['b'\], unexpected \['c'\]"):
+        scheduler({"a": torch.tensor(1.0), "c": torch.tensor(1.0)})

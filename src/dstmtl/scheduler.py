@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from dstmtl._distributed import all_reduce_sum, broadcast_from_first
-from dstmtl._validation import check_task_names, per_task_tensor
+from dstmtl._validation import check_same_tasks, check_task_names, per_task_tensor
 from dstmtl.metrics import EpochStatistics, Metric
 
 _LOSS_SUM, _LABELLED_STEPS, _LABEL_COUNT = 0, 1, 2
@@ -127,24 +127,29 @@ class TaskDropScheduler:
 
     # ----------------------------------------------------------------- per step (no sync)
 
-    def __call__(self, losses: Tensor, label_counts: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, losses: Tensor | Mapping[str, Tensor], label_counts: Tensor | None = None
+    ) -> Tensor:
         r"""Return :math:`\sum_j g_j w_j L_j` and record the losses for the epoch statistics.
 
         Args:
-            losses: Per-task losses, shape ``[K]``, in task order.
+            losses: Per-task losses, shape ``[K]``, in task order; or a mapping from task
+                name to a scalar loss, whose names are checked against the scheduler's.
             label_counts: Labelled samples per task in this batch, shape ``[K]``, e.g.
                 :attr:`MaskedMultiTaskLoss.label_counts`. A task with no labelled sample in
                 a step does not count towards its epoch mean. Non-finite losses never do.
         """
         return self.weighted_losses(losses, label_counts).sum()
 
-    def weighted_losses(self, losses: Tensor, label_counts: Tensor | None = None) -> Tensor:
+    def weighted_losses(
+        self, losses: Tensor | Mapping[str, Tensor], label_counts: Tensor | None = None
+    ) -> Tensor:
         r"""Like calling the scheduler, but return the vector :math:`g_j w_j L_j`, shape ``[K]``.
 
         Dropped tasks are exactly 0 (even when their loss is not finite) and keep a gradient
         path. :meth:`kept_losses` gives only the kept tasks.
         """
-        self._check_step_input(losses, label_counts)
+        losses = self._check_step_input(losses, label_counts)
         if self._accumulator is None or self._accumulator.device != losses.device:
             self._move_state(losses.device)
         assert self._accumulator is not None
@@ -168,7 +173,9 @@ class TaskDropScheduler:
         factors = self._factors.to(losses.dtype)
         return torch.where(factors > 0, losses * factors, torch.zeros_like(losses))
 
-    def kept_losses(self, losses: Tensor, label_counts: Tensor | None = None) -> Tensor:
+    def kept_losses(
+        self, losses: Tensor | Mapping[str, Tensor], label_counts: Tensor | None = None
+    ) -> Tensor:
         r"""Like :meth:`weighted_losses`, but only the kept tasks: :math:`w_j L_j` for
         :math:`g_j = 1`, in task order, shape ``[len(active_tasks)]``.
 
@@ -363,8 +370,13 @@ class TaskDropScheduler:
 
     # ---------------------------------------------------------------------------- helpers
 
-    def _check_step_input(self, losses: Tensor, label_counts: Tensor | None) -> None:
+    def _check_step_input(
+        self, losses: Tensor | Mapping[str, Tensor], label_counts: Tensor | None
+    ) -> Tensor:
         num_tasks = len(self._task_names)
+        if isinstance(losses, Mapping):
+            check_same_tasks(self._task_names, losses.keys(), what="loss names")
+            losses = torch.stack([losses[name].reshape(()) for name in self._task_names])
         if losses.shape != (num_tasks,):
             raise ValueError(
                 f"TaskDropScheduler expects one loss per task, shape ({num_tasks},) for tasks "
@@ -374,6 +386,7 @@ class TaskDropScheduler:
             raise ValueError(
                 f"label_counts must have shape ({num_tasks},), got {tuple(label_counts.shape)}"
             )
+        return losses
 
     def _move_state(self, device: torch.device) -> None:
         previous = self._accumulator
