@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
@@ -293,3 +295,21 @@ def test_dst_runs_with_chosen_terms(
     assert methods.dst_method("all") == "dst-all"
     argv = ["--root", str(demo_root), "--out", str(tmp_path / "o"), "--dst-metrics", "depth,x"]
     fails(argv, capsys, "dst-depth+x", "incompleteness")
+
+
+def test_torchrun_with_two_processes(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    script = Path(run.__file__)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    completed = subprocess.run(
+        [*command, str(script), *tiny_demo(out, "--device", "cpu")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("Results:") == 1  # written and reported once, by rank 0
+    results = json.loads((out / "metrics.json").read_text())
+    assert list(results["runs"]) == ["equal", "dst"]
+    assert all(0 <= v <= 1 for v in results["runs"]["dst"]["test"]["accuracy"].values())
