@@ -184,13 +184,6 @@ def test_example_batches_and_steps_do_not_synchronise(
     assert seen == len(batches)
 
 
-@pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=True,
-    reason="DeviceBatches.__iter__ (examples/celeba/image_cache.py) copies the epoch's "
-    "indices to the device with a blocking torch.from_numpy(shard).to(device): one sync "
-    "per epoch with preload=True; pinned memory and non_blocking=True would avoid it",
-)
 def test_preloaded_epoch_start_does_not_synchronise(image_cache: ModuleType) -> None:
     images, labels = _uint8_dataset(40)
     batches = image_cache.DeviceBatches(

@@ -284,7 +284,11 @@ class DeviceBatches:
         starts = range(0, len(self) * self._batch_size, self._batch_size)
         if self._device_images is not None and self._device_labels is not None:
             # One copy of the epoch's indices; the batches are slices of it.
-            device_shard = torch.from_numpy(shard).to(self._device)
+            # Pinned and non-blocking: a plain copy would wait for the GPU every epoch.
+            host_shard = torch.from_numpy(shard)
+            if self._device.type == "cuda":
+                host_shard = host_shard.pin_memory()
+            device_shard = host_shard.to(self._device, non_blocking=True)
             return self._iter_preloaded(
                 device_shard, starts, self._device_images, self._device_labels
             )

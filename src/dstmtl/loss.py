@@ -102,8 +102,11 @@ class MaskedMultiTaskLoss(nn.Module):
             if indices:
                 names = [self.task_names[j] for j in indices]
                 out = torch.stack([_scalar_output(outputs[n], n, batch) for n in names], dim=1)
-                tgt = torch.stack([_float_target(columns[n], n, batch) for n in names], dim=1)
+                tgt = _group_targets(targets, columns, indices, names, batch)
                 means, labelled = _masked_means(per_sample, out, tgt)
+                if len(indices) == len(self.task_names):  # one kind for all: already in order
+                    self._label_counts = labelled
+                    return means
                 for column, j in enumerate(indices):
                     per_task[j], counts[j] = means[column], labelled[column]
         for j, (name, spec) in enumerate(self.tasks.items()):
@@ -184,6 +187,25 @@ def _per_sample_callable(loss: PerSampleLoss, name: str) -> Callable[[Tensor, Te
         return values
 
     return checked
+
+
+def _group_targets(
+    targets: Mapping[str, Tensor] | Tensor,
+    columns: Mapping[str, Tensor],
+    indices: list[int],
+    names: list[str],
+    batch: int,
+) -> Tensor:
+    """The ``[B, len(indices)]`` targets of a group of tasks, checked.
+
+    Consecutive columns of a ``[B, K]`` target tensor are sliced as a view; anything else
+    is stacked column by column.
+    """
+    for name in names:
+        _float_target(columns[name], name, batch)
+    if isinstance(targets, Tensor) and indices == list(range(indices[0], indices[-1] + 1)):
+        return targets[:, indices[0] : indices[-1] + 1]
+    return torch.stack([columns[name].reshape(batch) for name in names], dim=1)
 
 
 def _batch_size(output: Tensor, name: str) -> int:

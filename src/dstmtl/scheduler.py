@@ -444,9 +444,10 @@ class TaskDropScheduler:
     def _refresh_device_factors(self) -> None:
         """Make the device copies follow the gates and the loss weights."""
         if self._factors is not None:
-            self._factors.copy_(self._factors_now(), non_blocking=True)
             device = self._factors.device
-            self._kept_index = self._gates.nonzero().squeeze(1).to(device, non_blocking=True)
+            self._factors.copy_(_staged(self._factors_now(), device), non_blocking=True)
+            kept = self._gates.nonzero().squeeze(1)
+            self._kept_index = _staged(kept, device).to(device, non_blocking=True)
 
     def _as_dict(self, values: Tensor) -> dict[str, float]:
         return dict(zip(self._task_names, values.tolist(), strict=True))
@@ -502,6 +503,15 @@ def _make_generator(generator: torch.Generator | int | None) -> torch.Generator:
         return generator
     seed = generator if generator is not None else int(torch.randint(2**62, ()).item())
     return torch.Generator().manual_seed(seed)
+
+
+def _staged(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` in pinned memory when it goes to a CUDA device.
+
+    A non-blocking copy from ordinary host memory may still wait for the GPU; from pinned
+    memory it does not, which matters for ``redraw_every``, where the copy is per step.
+    """
+    return tensor.pin_memory() if device.type == "cuda" else tensor
 
 
 def _loss_scaling_weights(baseline: Tensor) -> Tensor:

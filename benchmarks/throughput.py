@@ -1,0 +1,390 @@
+"""Training throughput of the CelebA example's input pipeline against its compute bound.
+
+Generates CelebA-format JPEGs at the real 178x218 size with the example's demo generator
+(so no dataset is needed), builds the example's uint8 cache from them, then times the
+example's training step (``DeviceBatches`` -> ``prepare_batch`` -> ResNet18
+``MultiHeadNet`` with 8 binary heads -> ``MaskedMultiTaskLoss`` -> ``TaskDropScheduler`` ->
+Adam; bf16 autocast on CUDA, channels_last) twice, interleaved: fed by the pipeline, and
+fed one fixed uint8 batch already on the device (the compute bound: same model, step,
+resolution and batch, no data movement). Also reports the one-time cache build, the
+evaluation rate, the peak GPU memory, and the study time these rates imply.
+
+    PYTHONPATH=src python benchmarks/throughput.py --device cuda
+    PYTHONPATH=src python benchmarks/throughput.py --device cpu --images 600 --image-size 64 \\
+        --batch-size 32 --steps 10
+
+The last line is pipeline / bound (target >= 0.9 on one H100); nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "celeba"
+sys.path.insert(0, str(_EXAMPLE_DIR))
+
+from celeba_files import DEFAULT_ATTRIBUTES, SPLIT_NAMES, load_splits, locate  # noqa: E402
+from demo_data import generate_demo_celeba  # noqa: E402
+from image_cache import DeviceBatches, build_cache, prepare_batch  # noqa: E402
+
+from dstmtl import MaskedMultiTaskLoss, MultiHeadNet, TaskDropScheduler  # noqa: E402
+from dstmtl.metrics import TaskIncompleteness  # noqa: E402
+
+# The official CelebA splits and the study's schedule (2 methods x 5 epochs, a validation
+# pass after every epoch and one test pass per method), for the study-time estimate.
+_CELEBA_TRAIN, _CELEBA_VALID, _CELEBA_TEST = 162_770, 19_867, 19_962
+_CELEBA_IMAGES = _CELEBA_TRAIN + _CELEBA_VALID + _CELEBA_TEST
+_METHODS, _EPOCHS = 2, 5
+_STUDY_TARGET_S = 300.0
+_RATIO_TARGET = 0.9
+_CROP = 178  # the study's centre crop
+
+
+@dataclass(frozen=True)
+class _Settings:
+    images: int
+    image_size: int
+    batch_size: int
+    steps: int
+    repeats: int
+    warmup: int
+
+
+# CUDA: the study's resolution and batch. CPU: small enough for about a minute on 2 cores.
+_DEFAULTS = {
+    "cuda": _Settings(
+        images=20_000, image_size=128, batch_size=256, steps=50, repeats=5, warmup=10
+    ),
+    "cpu": _Settings(images=1_000, image_size=64, batch_size=32, steps=10, repeats=5, warmup=2),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+            return 2
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = _settings(device, args)
+    with tempfile.TemporaryDirectory(prefix="dstmtl-throughput-") as scratch:
+        root = Path(args.data) if args.data else Path(scratch) / "celeba"
+        _benchmark(device, settings, root, Path(scratch) / "cache", args)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=(
+            "Training images/s of the CelebA example's pipeline (generated CelebA-format "
+            "JPEGs -> uint8 cache -> DeviceBatches -> prepare_batch -> ResNet18 with 8 heads) "
+            "divided by the images/s of the same step on a batch already on the device."
+        ),
+    )
+    parser.add_argument("--device", help="cuda, cpu, ... [cuda when available]")
+    parser.add_argument(
+        "--images", type=int, help="demo images to generate, all splits [cuda 20000, cpu 1000]"
+    )
+    parser.add_argument("--image-size", type=int, help="training resolution [cuda 128, cpu 64]")
+    parser.add_argument("--batch-size", type=int, help="images per step [cuda 256, cpu 32]")
+    parser.add_argument("--steps", type=int, help="training steps per repetition [cuda 50, cpu 10]")
+    parser.add_argument("--repeats", type=int, help="timed repetitions [5]")
+    parser.add_argument("--warmup", type=int, help="untimed steps first [cuda 10, cpu 2]")
+    parser.add_argument(
+        "--data",
+        help="folder for the generated images, kept and reused by later runs with the same "
+        "--images [a temporary folder]",
+    )
+    parser.add_argument("--workers", type=int, help="cache-building processes [all cores]")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads [torch's default]")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return parser
+
+
+def _settings(device: torch.device, args: argparse.Namespace) -> _Settings:
+    defaults = _DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    return _Settings(
+        images=args.images or defaults.images,
+        image_size=args.image_size or defaults.image_size,
+        batch_size=args.batch_size or defaults.batch_size,
+        steps=args.steps or defaults.steps,
+        repeats=args.repeats or defaults.repeats,
+        warmup=defaults.warmup if args.warmup is None else args.warmup,
+    )
+
+
+def _benchmark(
+    device: torch.device,
+    settings: _Settings,
+    root: Path,
+    cache_dir: Path,
+    args: argparse.Namespace,
+) -> None:
+    cuda = device.type == "cuda"
+    print(_header(device, settings, args.compile))
+    generated = _demo_data(root, settings.images)
+    print(
+        f"demo data: {settings.images} images in {root}"
+        + (f", generated in {generated:.1f} s" if generated is not None else ", reused")
+    )
+    files = locate(root)
+    splits = load_splits(files, DEFAULT_ATTRIBUTES)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    caches = {
+        name: build_cache(
+            splits[name].image_paths(files.image_dir),
+            cache_dir,
+            crop=_CROP,
+            image_size=settings.image_size,
+            workers=args.workers,
+            progress=False,
+        )
+        for name in SPLIT_NAMES
+    }
+    build_s = time.perf_counter() - started
+    build_rate = settings.images / build_s
+    print(
+        f"cache build: {settings.images} images in {build_s:.1f} s ({build_rate:.0f} img/s); "
+        f"all {_CELEBA_IMAGES:,} CelebA images at this rate: {_CELEBA_IMAGES / build_rate:.0f} s"
+    )
+
+    train, valid = caches["train"], caches["valid"]
+    preload = cuda and _fits_on_device(train.nbytes + valid.nbytes, device)
+    train_batches = DeviceBatches(
+        train,
+        splits["train"].labels,
+        batch_size=settings.batch_size,
+        device=device,
+        shuffle=True,
+        # Full batches only: a short last batch would add a shape (and, compiled, a
+        # recompilation) that the steady state of a 636-step CelebA epoch never sees.
+        drop_last=True,
+        preload=preload,
+    )
+    valid_batches = DeviceBatches(
+        valid,
+        splits["valid"].labels,
+        batch_size=settings.batch_size,
+        device=device,
+        shuffle=False,
+        preload=preload,
+    )
+    if len(train_batches) == 0:
+        raise SystemExit(
+            f"error: {len(splits['train'])} training images make no batch of "
+            f"{settings.batch_size}; generate more with --images"
+        )
+
+    trainer = _Trainer(device, compile_model=args.compile)
+    pipeline = _endless(train_batches, trainer.end_epoch)
+    generator = torch.Generator(device).manual_seed(1)
+    size = settings.image_size
+    fixed_images = torch.randint(
+        0,
+        256,
+        (settings.batch_size, 3, size, size),
+        dtype=torch.uint8,
+        generator=generator,
+        device=device,
+    )
+    fixed_labels = torch.randint(
+        0, 2, (settings.batch_size, len(DEFAULT_ATTRIBUTES)), generator=generator, device=device
+    ).float()
+
+    def from_pipeline() -> None:
+        trainer.step(*next(pipeline))
+
+    def from_device() -> None:
+        trainer.step(fixed_images, fixed_labels)
+
+    try:
+        seconds = _time({"pipeline": from_pipeline, "bound": from_device}, device, settings)
+    finally:
+        pipeline.close()
+    pipeline_rate = settings.batch_size / statistics.median(seconds["pipeline"])
+    bound_rate = settings.batch_size / statistics.median(seconds["bound"])
+    trainer.evaluate(valid_batches)  # warm-up: eval mode compiles anew with --compile
+    evaluation = [trainer.evaluate(valid_batches) for _ in range(settings.repeats)]
+    eval_rate = len(splits["valid"]) / statistics.median(evaluation)
+
+    print(
+        f"training, pipeline: {pipeline_rate:8.1f} img/s  (median of {settings.repeats} x "
+        f"{settings.steps} steps; min {settings.batch_size / max(seconds['pipeline']):.1f}, "
+        f"max {settings.batch_size / min(seconds['pipeline']):.1f})"
+    )
+    print(
+        f"training, bound:    {bound_rate:8.1f} img/s  (min "
+        f"{settings.batch_size / max(seconds['bound']):.1f}, "
+        f"max {settings.batch_size / min(seconds['bound']):.1f})"
+    )
+    print(f"evaluation:         {eval_rate:8.1f} img/s  ({len(splits['valid'])} images per pass)")
+    if cuda:
+        cached_gib = (train.nbytes + valid.nbytes) / 2**30 if preload else 0.0
+        print(
+            f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
+            f"(of which {cached_gib:.2f} GiB preloaded images)"
+        )
+    study_s = _study_seconds(pipeline_rate, eval_rate)
+    print(
+        f"study estimate at these rates ({_METHODS} methods x {_EPOCHS} epochs of "
+        f"{_CELEBA_TRAIN:,} images, a validation pass of {_CELEBA_VALID:,} after each epoch, "
+        f"a test pass of {_CELEBA_TEST:,} per method; cache build not included): "
+        f"{study_s:.0f} s [{'PASS' if study_s <= _STUDY_TARGET_S else 'MISS'} <= "
+        f"{_STUDY_TARGET_S:.0f} s]"
+    )
+    ratio = pipeline_rate / bound_rate
+    print(
+        f"throughput {device.type}: pipeline/bound = {ratio:.3f} "
+        f"[{'PASS' if ratio >= _RATIO_TARGET else 'MISS'} >= {_RATIO_TARGET}]"
+    )
+
+
+class _Trainer:
+    """The training step and evaluation pass of examples/celeba/study.py (method "dst")."""
+
+    def __init__(self, device: torch.device, *, compile_model: bool) -> None:
+        tasks = list(DEFAULT_ATTRIBUTES)
+        torch.manual_seed(0)
+        self._model = (
+            MultiHeadNet.from_torchvision("resnet18", tasks, weights=None)
+            .to(device)
+            .to(memory_format=torch.channels_last)
+        )
+        self._network: Callable[[Tensor], dict[str, Tensor]] = (
+            torch.compile(self._model) if compile_model else self._model
+        )
+        self._loss_fn = MaskedMultiTaskLoss(dict.fromkeys(tasks, "binary"))
+        self._scheduler = TaskDropScheduler(tasks, [TaskIncompleteness()], generator=0)
+        self._optimizer = torch.optim.Adam(self._model.parameters(), lr=1e-3)
+        self._flips = torch.Generator(device).manual_seed(0)
+        self._device = device
+        self._tasks = tasks
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(
+            self._device.type, torch.bfloat16, enabled=self._device.type == "cuda"
+        )
+
+    def step(self, images: Tensor, labels: Tensor) -> None:
+        x = prepare_batch(images, train=True, generator=self._flips)
+        with self._autocast():
+            losses = self._loss_fn(self._network(x), labels)
+        self._optimizer.zero_grad(set_to_none=True)
+        self._scheduler(losses, self._loss_fn.label_counts).backward()
+        self._optimizer.step()
+
+    def end_epoch(self) -> None:
+        self._scheduler.step()
+
+    def evaluate(self, batches: DeviceBatches) -> float:
+        """Seconds for one pass over ``batches``, with the study's confusion counts."""
+        _synchronize(self._device)
+        started = time.perf_counter()
+        self._model.eval()
+        counts = torch.zeros(4, len(self._tasks), dtype=torch.long, device=self._device)
+        with torch.no_grad(), self._autocast():
+            for images, labels in batches:
+                outputs = self._network(prepare_batch(images, train=False))
+                predicted = torch.stack([outputs[t].reshape(-1) > 0 for t in self._tasks], 1)
+                labelled, positive = ~labels.isnan(), labels == 1
+                counts[0] += (labelled & predicted & positive).sum(dim=0)
+                counts[1] += (labelled & predicted & ~positive).sum(dim=0)
+                counts[2] += (labelled & ~predicted & positive).sum(dim=0)
+                counts[3] += (labelled & ~predicted & ~positive).sum(dim=0)
+        counts.cpu()  # the study reads the counts back once per pass; so does the timing
+        self._model.train()
+        return time.perf_counter() - started
+
+
+def _endless(
+    batches: DeviceBatches, end_epoch: Callable[[], None]
+) -> Generator[tuple[Tensor, Tensor], None, None]:
+    """Training batches epoch after epoch, ending each epoch as the study does."""
+    while True:
+        yield from batches
+        end_epoch()
+
+
+def _time(
+    variants: dict[str, Callable[[], None]], device: torch.device, settings: _Settings
+) -> dict[str, list[float]]:
+    for step in variants.values():
+        for _ in range(settings.warmup):
+            step()
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(settings.repeats):
+        # Interleaved, so that drift in clock speed or load hits both alike.
+        for name, step in variants.items():
+            _synchronize(device)
+            started = time.perf_counter()
+            for _ in range(settings.steps):
+                step()
+            _synchronize(device)
+            seconds[name].append((time.perf_counter() - started) / settings.steps)
+    return seconds
+
+
+def _demo_data(root: Path, images: int) -> float | None:
+    """Generate the demo data unless ``root`` holds a complete set of ``images``; seconds."""
+    partition = root / "list_eval_partition.txt"
+    if partition.is_file() and len(partition.read_text().splitlines()) == images:
+        return None
+    started = time.perf_counter()
+    generate_demo_celeba(root, n_images=images, seed=0, progress=False)
+    return time.perf_counter() - started
+
+
+def _fits_on_device(nbytes: int, device: torch.device) -> bool:
+    # The rule of examples/celeba/run.py: preload when the images take under half the
+    # free memory, leaving the rest for training.
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes < 0.5 * free
+
+
+def _study_seconds(train_rate: float, eval_rate: float) -> float:
+    training = _METHODS * _EPOCHS * _CELEBA_TRAIN / train_rate
+    evaluation = _METHODS * (_EPOCHS * _CELEBA_VALID + _CELEBA_TEST) / eval_rate
+    return training + evaluation
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _header(device: torch.device, settings: _Settings, compiled: bool) -> str:
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)}, bf16 autocast"
+    else:
+        # The load average says how much else shared the cores while this ran.
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        where = (
+            f"torch threads: {torch.get_num_threads()}, float32, load average {load:.1f} at start"
+        )
+    return (
+        f"{device.type} ({where}), torch {torch.__version__}, ResNet18 channels_last"
+        f"{', compiled' if compiled else ''}, {len(DEFAULT_ATTRIBUTES)} tasks, "
+        f"{settings.image_size} px, batch {settings.batch_size}, {os.cpu_count()} CPU cores"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
