@@ -27,13 +27,13 @@ import dataclasses
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import torchvision
+from _timing import time_interleaved
 from torch import Tensor, nn
 
 from dstmtl import MaskedMultiTaskLoss, MultiHeadNet, TaskDropScheduler
@@ -191,7 +191,14 @@ def _benchmark(
         _LOOP: _loop_step(backbone, heads, images, targets),
         _MISSING: _library_step(backbone, heads, tasks, images, incomplete),
     }
-    return _Result(device.type, num_tasks, heads_only, _time(variants, device, settings))
+    return _Result(
+        device.type,
+        num_tasks,
+        heads_only,
+        time_interleaved(
+            variants, device, warmup=settings.warmup, repeats=settings.repeats, steps=settings.steps
+        ),
+    )
 
 
 def _network(num_tasks: int, heads_only: bool) -> tuple[nn.Module, nn.ModuleList]:
@@ -289,31 +296,6 @@ def _loop_step(
         optimizer.step()
 
     return step
-
-
-def _time(
-    variants: dict[str, Callable[[], None]], device: torch.device, settings: _Settings
-) -> dict[str, list[float]]:
-    for step in variants.values():
-        for _ in range(settings.warmup):
-            step()
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(settings.repeats):
-        for name, step in variants.items():
-            # Drain the queue before and after, and only there: a sync inside the block
-            # would stall the host-device overlap that the library must not break.
-            _synchronize(device)
-            started = time.perf_counter()
-            for _ in range(settings.steps):
-                step()
-            _synchronize(device)
-            seconds[name].append((time.perf_counter() - started) / settings.steps)
-    return seconds
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _header(device: torch.device, settings: _Settings) -> str:

@@ -34,6 +34,7 @@ from torch import Tensor
 _EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "celeba"
 sys.path.insert(0, str(_EXAMPLE_DIR))
 
+from _timing import synchronize, time_interleaved  # noqa: E402
 from celeba_files import DEFAULT_ATTRIBUTES, SPLIT_NAMES, load_splits, locate  # noqa: E402
 from demo_data import generate_demo_celeba  # noqa: E402
 from image_cache import DeviceBatches, build_cache, prepare_batch  # noqa: E402
@@ -216,7 +217,13 @@ def _benchmark(
         trainer.step(fixed_images, fixed_labels)
 
     try:
-        seconds = _time({"pipeline": from_pipeline, "bound": from_device}, device, settings)
+        seconds = time_interleaved(
+            {"pipeline": from_pipeline, "bound": from_device},
+            device,
+            warmup=settings.warmup,
+            repeats=settings.repeats,
+            steps=settings.steps,
+        )
     finally:
         pipeline.close()
     pipeline_rate = settings.batch_size / statistics.median(seconds["pipeline"])
@@ -296,7 +303,7 @@ class _Trainer:
 
     def evaluate(self, batches: DeviceBatches) -> float:
         """Seconds for one pass over ``batches``, with the study's confusion counts."""
-        _synchronize(self._device)
+        synchronize(self._device)
         started = time.perf_counter()
         self._model.eval()
         counts = torch.zeros(4, len(self._tasks), dtype=torch.long, device=self._device)
@@ -323,25 +330,6 @@ def _endless(
         end_epoch()
 
 
-def _time(
-    variants: dict[str, Callable[[], None]], device: torch.device, settings: _Settings
-) -> dict[str, list[float]]:
-    for step in variants.values():
-        for _ in range(settings.warmup):
-            step()
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(settings.repeats):
-        # Interleaved, so that drift in clock speed or load hits both alike.
-        for name, step in variants.items():
-            _synchronize(device)
-            started = time.perf_counter()
-            for _ in range(settings.steps):
-                step()
-            _synchronize(device)
-            seconds[name].append((time.perf_counter() - started) / settings.steps)
-    return seconds
-
-
 def _demo_data(root: Path, images: int) -> float | None:
     """Generate the demo data unless ``root`` holds a complete set of ``images``; seconds."""
     partition = root / "list_eval_partition.txt"
@@ -363,11 +351,6 @@ def _study_seconds(train_rate: float, eval_rate: float) -> float:
     training = _METHODS * _EPOCHS * _CELEBA_TRAIN / train_rate
     evaluation = _METHODS * (_EPOCHS * _CELEBA_VALID + _CELEBA_TEST) / eval_rate
     return training + evaluation
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _header(device: torch.device, settings: _Settings, compiled: bool) -> str:
