@@ -313,3 +313,14 @@ def test_torchrun_with_two_processes(tmp_path: Path) -> None:
     results = json.loads((out / "metrics.json").read_text())
     assert list(results["runs"]) == ["equal", "dst"]
     assert all(0 <= v <= 1 for v in results["runs"]["dst"]["test"]["accuracy"].values())
+
+
+def test_the_dataloader_fallback_runs_the_study(tmp_path: Path) -> None:
+    out = tmp_path / "jpeg"
+    argv = tiny_demo(out, "--no-cache", "--workers", "0", "--methods", "equal", "--epochs", "1")
+    assert run.main(argv) == 0
+    assert not (out / "cache").exists()  # nothing was cached
+    results = json.loads((out / "metrics.json").read_text())
+    accuracy = results["runs"]["equal"]["test"]["accuracy"]
+    assert len(accuracy) == 8
+    assert all(0.0 <= value <= 1.0 for value in accuracy.values())
