@@ -273,3 +273,22 @@ def test_losses_by_name_are_checked_and_ordered() -> None:
     assert scheduler.epoch_losses == {"a": 0.5, "b": 2.0}
     with pytest.raises(ValueError, match=r"loss names .* missing \['b'\], unexpected \['c'\]"):
         scheduler({"a": torch.tensor(1.0), "c": torch.tensor(1.0)})
+
+
+def test_state_dict_is_a_snapshot() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Constant()])
+    scheduler(torch.tensor([1.0, 2.0]))
+    state = scheduler.state_dict()
+    scheduler(torch.tensor([5.0, 5.0]))  # later calls must not reach the saved state
+    restored = TaskDropScheduler(["a", "b"], [Constant()])
+    restored.load_state_dict(state)
+    restored.step()
+    assert restored.epoch_losses == {"a": 1.0, "b": 2.0}
+
+
+def test_label_counts_of_the_epoch() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Constant()])
+    scheduler(torch.tensor([1.0, 2.0]), torch.tensor([3, 0]))
+    scheduler(torch.tensor([1.0, 2.0]), torch.tensor([4, 2]))
+    scheduler.step()
+    assert scheduler.label_counts == {"a": 7.0, "b": 2.0}

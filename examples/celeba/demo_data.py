@@ -8,12 +8,12 @@ The other 32 attributes are random and carry no signal in the pictures.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from atomic import write_bytes
 from celeba_files import ATTRIBUTE_NAMES, CelebAError
 from PIL import Image, ImageDraw
 from tqdm import tqdm
@@ -124,10 +124,10 @@ def generate_demo_celeba(
         picture.save(image_dir / filenames[index], format="JPEG", quality=90)
 
     partition = [0] * n_train + [1] * n_valid + [2] * n_test
-    _write_atomically(
-        partition_file,
-        "".join(f"{name} {code}\n" for name, code in zip(filenames, partition, strict=True)),
+    partition_rows = "".join(
+        f"{name} {code}\n" for name, code in zip(filenames, partition, strict=True)
     )
+    write_bytes(partition_file, partition_rows.encode())
     signed = np.where(labels, 1, -1)
     rows = (
         f"{name} " + " ".join(f"{value:2d}" for value in signed_row.tolist()) + "\n"
@@ -136,7 +136,7 @@ def generate_demo_celeba(
     # Same shape as the official file: count line, header line with a trailing
     # space, then rows whose -1/1 columns are padded to width two.
     header = f"{n_images}\n" + " ".join(ATTRIBUTE_NAMES) + " \n"
-    _write_atomically(attributes_file, header + "".join(rows))
+    write_bytes(attributes_file, (header + "".join(rows)).encode())
 
 
 def _sample_labels(n_images: int, rng: np.random.Generator) -> npt.NDArray[np.bool_]:
@@ -273,9 +273,3 @@ def _saturated_colour(rng: np.random.Generator) -> npt.NDArray[np.float64]:
 def _rgb(colour: npt.NDArray[np.float64]) -> tuple[int, int, int]:
     red, green, blue = np.clip(colour, 0, 255).astype(int).tolist()
     return red, green, blue
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torchvision.transforms.v2.functional as TF
+from atomic import replacing
 from celeba_files import CelebAError
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
@@ -110,13 +111,9 @@ def build_cache(
     # Decode into a private temporary name and rename it into place only when
     # complete: an interrupted build (or one racing another process) can then
     # never leave a half-written file under the name a later run would reuse.
-    temporary = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(cache_file) as temporary:
         np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape).flush()
         _fill(temporary, [str(path) for path in paths], crop, image_size, workers, desc, progress)
-        os.replace(temporary, cache_file)
-    finally:
-        temporary.unlink(missing_ok=True)
     opened = _open_cache(cache_file, shape)
     if opened is None:
         raise CelebAError(

@@ -16,13 +16,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal, TypedDict
 
+from atomic import write_bytes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -139,7 +138,7 @@ def write_json(results: Mapping[str, object], path: Path) -> None:
     Any mapping is accepted, so a partial record (a study still running) can be saved too.
     """
     text = json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n"
-    _write_atomic(path, text.encode("utf-8"))
+    write_bytes(path, text.encode("utf-8"))
 
 
 def mean_ranks(results: Results) -> dict[str, float]:
@@ -218,7 +217,7 @@ def write_report(results: Results, out_dir: Path, *, terms_epoch: int | None = N
     markdown_path = out_dir / "results.md"
     links = "\n\n".join(f"![{path.stem}]({path.name})" for path in figures)
     document = markdown_report(results, terms_epoch=terms_epoch) + f"\n## Figures\n\n{links}\n"
-    _write_atomic(markdown_path, document.encode("utf-8"))
+    write_bytes(markdown_path, document.encode("utf-8"))
     return [json_path, markdown_path, *figures]
 
 
@@ -576,25 +575,7 @@ def _save_figure(figure: Figure, path: Path) -> None:
     figure.tight_layout()
     # "tight" also keeps the legend placed outside the axes inside the image.
     figure.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
-    _write_atomic(path, buffer.getvalue())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename it over ``path``."""
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        # mkstemp creates files readable by the owner only; results are meant to be shared.
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_bytes(path, buffer.getvalue())
 
 
 def _json_safe(value: object) -> object:

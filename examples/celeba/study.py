@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.distributed as dist
+from atomic import replacing
 from image_cache import prepare_batch
 from methods import Method
 from reporting import EpochRecord, EvaluationMetrics, RunResult
@@ -245,10 +245,8 @@ def scores(counts: Tensor, tasks: tuple[str, ...]) -> EvaluationMetrics:
 def save_checkpoint(path: Path, state: dict[str, Any], settings: Settings) -> None:
     """Write ``state`` atomically on rank 0 (temp file, then rename); other ranks wait."""
     if settings.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(state, temporary)
-        os.replace(temporary, path)
+        with replacing(path) as temporary:
+            torch.save(state, temporary)
     if settings.world_size > 1:
         dist.barrier()
 

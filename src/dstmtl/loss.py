@@ -201,11 +201,10 @@ def _group_targets(
     Consecutive columns of a ``[B, K]`` target tensor are sliced as a view; anything else
     is stacked column by column.
     """
-    for name in names:
-        _float_target(columns[name], name, batch)
+    checked = [_float_target(columns[name], name, batch) for name in names]
     if isinstance(targets, Tensor) and indices == list(range(indices[0], indices[-1] + 1)):
         return targets[:, indices[0] : indices[-1] + 1]
-    return torch.stack([columns[name].reshape(batch) for name in names], dim=1)
+    return torch.stack(checked, dim=1)
 
 
 def _batch_size(output: Tensor, name: str) -> int:

@@ -282,6 +282,14 @@ class TaskDropScheduler:
         return self._as_dict(self._epoch_losses)
 
     @property
+    def label_counts(self) -> dict[str, float]:
+        """Labelled samples per task in the last completed epoch, summed over all ranks.
+
+        0 where the calls got no ``label_counts`` or :meth:`step` got explicit means.
+        """
+        return self._as_dict(self._label_counts)
+
+    @property
     def baseline_losses(self) -> dict[str, float]:
         r""":math:`\bar L_j(0)` per task (NaN while a task has no finite, positive mean)."""
         return self._as_dict(self._baseline)
@@ -312,7 +320,10 @@ class TaskDropScheduler:
             "loss_weights": self._loss_weights.clone(),
             "generator": self._generator.get_state(),
             "calls_since_draw": self._calls_since_draw,
-            "accumulator": None if self._accumulator is None else self._accumulator.cpu(),
+            # A copy even on the CPU, where .cpu() would return the live running sums.
+            "accumulator": (
+                None if self._accumulator is None else self._accumulator.to("cpu", copy=True)
+            ),
             "metrics": {metric.name: metric.state_dict() for metric in self._metrics},
         }
 
