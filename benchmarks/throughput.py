@@ -37,10 +37,10 @@ sys.path.insert(0, str(_EXAMPLE_DIR))
 from _timing import synchronize, time_interleaved  # noqa: E402
 from celeba_files import DEFAULT_ATTRIBUTES, SPLIT_NAMES, load_splits, locate  # noqa: E402
 from demo_data import generate_demo_celeba  # noqa: E402
-from image_cache import DeviceBatches, build_cache, prepare_batch  # noqa: E402
+from image_cache import DeviceBatches, build_cache, fits_on_device  # noqa: E402
+from study import Settings, Trainer, evaluate  # noqa: E402
 
-from dstmtl import MaskedMultiTaskLoss, MultiHeadNet, TaskDropScheduler  # noqa: E402
-from dstmtl.metrics import TaskIncompleteness  # noqa: E402
+from dstmtl import MultiHeadNet  # noqa: E402
 
 # The official CelebA splits and the study's schedule (2 methods x 5 epochs, a validation
 # pass after every epoch and one test pass per method), for the study-time estimate.
@@ -168,7 +168,7 @@ def _benchmark(
     )
 
     train, valid = caches["train"], caches["valid"]
-    preload = cuda and _fits_on_device(train.nbytes + valid.nbytes, device)
+    preload = fits_on_device(train.nbytes + valid.nbytes, device)
     train_batches = DeviceBatches(
         train,
         splits["train"].labels,
@@ -194,8 +194,24 @@ def _benchmark(
             f"{settings.batch_size}; generate more with --images"
         )
 
-    trainer = _Trainer(device, compile_model=args.compile)
-    pipeline = _endless(train_batches, trainer.end_epoch)
+    trainer = Trainer(
+        "dst",
+        lambda: MultiHeadNet.from_torchvision("resnet18", DEFAULT_ATTRIBUTES, weights=None),
+        splits["train"].labels,
+        Settings(
+            epochs=1,
+            learning_rate=1e-3,
+            seed=0,
+            device=device,
+            compile=args.compile,
+            progress=False,
+            rank=0,
+            world_size=1,
+            checkpoint_dir=Path(tempfile.gettempdir()),
+        ),
+    )
+    flips = torch.Generator(device).manual_seed(0)
+    pipeline = _endless(train_batches, trainer.method.end_epoch)
     generator = torch.Generator(device).manual_seed(1)
     size = settings.image_size
     fixed_images = torch.randint(
@@ -211,10 +227,17 @@ def _benchmark(
     ).float()
 
     def from_pipeline() -> None:
-        trainer.step(*next(pipeline))
+        trainer.step(*next(pipeline), flips)
 
     def from_device() -> None:
-        trainer.step(fixed_images, fixed_labels)
+        trainer.step(fixed_images, fixed_labels, flips)
+
+    def evaluation_seconds() -> float:
+        synchronize(device)
+        started = time.perf_counter()
+        evaluate(trainer, valid_batches)  # ends by reading the counts back, as the study does
+        trainer.model.train()
+        return time.perf_counter() - started
 
     try:
         seconds = time_interleaved(
@@ -228,8 +251,8 @@ def _benchmark(
         pipeline.close()
     pipeline_rate = settings.batch_size / statistics.median(seconds["pipeline"])
     bound_rate = settings.batch_size / statistics.median(seconds["bound"])
-    trainer.evaluate(valid_batches)  # warm-up: eval mode compiles anew with --compile
-    evaluation = [trainer.evaluate(valid_batches) for _ in range(settings.repeats)]
+    evaluation_seconds()  # warm-up: eval mode compiles anew with --compile
+    evaluation = [evaluation_seconds() for _ in range(settings.repeats)]
     eval_rate = len(splits["valid"]) / statistics.median(evaluation)
 
     print(
@@ -264,63 +287,6 @@ def _benchmark(
     )
 
 
-class _Trainer:
-    """The training step and evaluation pass of examples/celeba/study.py (method "dst")."""
-
-    def __init__(self, device: torch.device, *, compile_model: bool) -> None:
-        tasks = list(DEFAULT_ATTRIBUTES)
-        torch.manual_seed(0)
-        self._model = (
-            MultiHeadNet.from_torchvision("resnet18", tasks, weights=None)
-            .to(device)
-            .to(memory_format=torch.channels_last)
-        )
-        self._network: Callable[[Tensor], dict[str, Tensor]] = (
-            torch.compile(self._model) if compile_model else self._model
-        )
-        self._loss_fn = MaskedMultiTaskLoss(dict.fromkeys(tasks, "binary"))
-        self._scheduler = TaskDropScheduler(tasks, [TaskIncompleteness()], generator=0)
-        self._optimizer = torch.optim.Adam(self._model.parameters(), lr=1e-3)
-        self._flips = torch.Generator(device).manual_seed(0)
-        self._device = device
-        self._tasks = tasks
-
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(
-            self._device.type, torch.bfloat16, enabled=self._device.type == "cuda"
-        )
-
-    def step(self, images: Tensor, labels: Tensor) -> None:
-        x = prepare_batch(images, train=True, generator=self._flips)
-        with self._autocast():
-            losses = self._loss_fn(self._network(x), labels)
-        self._optimizer.zero_grad(set_to_none=True)
-        self._scheduler(losses, self._loss_fn.label_counts).backward()
-        self._optimizer.step()
-
-    def end_epoch(self) -> None:
-        self._scheduler.step()
-
-    def evaluate(self, batches: DeviceBatches) -> float:
-        """Seconds for one pass over ``batches``, with the study's confusion counts."""
-        synchronize(self._device)
-        started = time.perf_counter()
-        self._model.eval()
-        counts = torch.zeros(4, len(self._tasks), dtype=torch.long, device=self._device)
-        with torch.no_grad(), self._autocast():
-            for images, labels in batches:
-                outputs = self._network(prepare_batch(images, train=False))
-                predicted = torch.stack([outputs[t].reshape(-1) > 0 for t in self._tasks], 1)
-                labelled, positive = ~labels.isnan(), labels == 1
-                counts[0] += (labelled & predicted & positive).sum(dim=0)
-                counts[1] += (labelled & predicted & ~positive).sum(dim=0)
-                counts[2] += (labelled & ~predicted & positive).sum(dim=0)
-                counts[3] += (labelled & ~predicted & ~positive).sum(dim=0)
-        counts.cpu()  # the study reads the counts back once per pass; so does the timing
-        self._model.train()
-        return time.perf_counter() - started
-
-
 def _endless(
     batches: DeviceBatches, end_epoch: Callable[[], None]
 ) -> Generator[tuple[Tensor, Tensor], None, None]:
@@ -338,13 +304,6 @@ def _demo_data(root: Path, images: int) -> float | None:
     started = time.perf_counter()
     generate_demo_celeba(root, n_images=images, seed=0, progress=False)
     return time.perf_counter() - started
-
-
-def _fits_on_device(nbytes: int, device: torch.device) -> bool:
-    # The rule of examples/celeba/run.py: preload when the images take under half the
-    # free memory, leaving the rest for training.
-    free, _ = torch.cuda.mem_get_info(device)
-    return nbytes < 0.5 * free
 
 
 def _study_seconds(train_rate: float, eval_rate: float) -> float:

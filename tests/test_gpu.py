@@ -144,8 +144,7 @@ def test_first_scheduler_call_does_not_synchronise() -> None:
     losses = torch.tensor([0.5, 1.0, 1.5, 2.0], device=device, requires_grad=True)
     counts = torch.full((len(_TASKS),), float(_BATCH), device=device)
     # The first call creates the scheduler's device state and copies the gates and the
-    # weights there with non_blocking=True: an asynchronous copy, even from pageable
-    # memory, as far as torch's sync checks are concerned.
+    # weights there from pinned memory with non_blocking=True: no sync.
     with _sync_is_an_error():
         total = scheduler(losses, counts)
         kept = scheduler.kept_losses(losses, counts)
@@ -154,44 +153,53 @@ def test_first_scheduler_call_does_not_synchronise() -> None:
     torch.testing.assert_close(losses.grad, 2 * gates.to(device))
 
 
+@pytest.fixture
+def study() -> ModuleType:
+    module: ModuleType = pytest.importorskip("study")
+    return module
+
+
 @pytest.mark.parametrize("preload", [True, False], ids=["preloaded", "host"])
-def test_example_batches_and_steps_do_not_synchronise(
-    image_cache: ModuleType, preload: bool
+@pytest.mark.parametrize("method", ["equal", "dst"])
+def test_the_studys_epoch_does_not_synchronise(
+    image_cache: ModuleType, study: ModuleType, preload: bool, method: str, tmp_path: Path
 ) -> None:
+    """The example's own step (study.Trainer) over DeviceBatches, as run_method drives it."""
     device = _device()
     images, labels = _uint8_dataset(40)
     batches = image_cache.DeviceBatches(
         images, labels, batch_size=8, device=device, shuffle=True, preload=preload
     )
-    scheduler = _drawn_scheduler()
-    step = _training_step(_model(device), scheduler)
+    settings = study.Settings(
+        epochs=1,
+        learning_rate=1e-3,
+        seed=0,
+        device=device,
+        compile=False,
+        progress=False,
+        rank=0,
+        world_size=1,
+        checkpoint_dir=tmp_path,
+    )
+    trainer = study.Trainer(
+        method,
+        lambda: MultiHeadNet.from_torchvision("resnet18", _TASKS, weights=None),
+        labels,
+        settings,
+    )
+    scheduler = trainer.method.scheduler
+    scheduler.step([1.0, 1.0, 1.0, 1.0])  # two made-up epochs: DST's gates are real draws
+    scheduler.step([0.2, 0.5, 0.8, 1.0])
     flips = torch.Generator(device).manual_seed(0)
-
-    def example_step(uint8_images: Tensor, batch_labels: Tensor) -> None:
-        step(image_cache.prepare_batch(uint8_images, train=True, generator=flips), batch_labels)
-
     # A first step outside the check: besides the lazy set-up, prepare_batch's first call
     # on a device copies its normalisation constants there with a blocking .to(), once.
-    example_step(*next(iter(batches)))
-    # With preload, iter() copies the epoch's indices to the device with a blocking .to(),
-    # once per epoch; that is outside the steps (and xfailed below), so iter() is too.
-    epoch = iter(batches)
+    trainer.step(*next(iter(batches)), flips)
     seen = 0
     with _sync_is_an_error():
-        for uint8_images, batch_labels in epoch:
-            example_step(uint8_images, batch_labels)
+        for uint8_images, batch_labels in batches:
+            trainer.step(uint8_images, batch_labels, flips)
             seen += 1
     assert seen == len(batches)
-
-
-def test_preloaded_epoch_start_does_not_synchronise(image_cache: ModuleType) -> None:
-    images, labels = _uint8_dataset(40)
-    batches = image_cache.DeviceBatches(
-        images, labels, batch_size=8, device=_device(), shuffle=True, preload=True
-    )
-    with _sync_is_an_error():
-        for _ in batches:
-            pass
 
 
 # ---------------------------------------------------------------------------------- bf16

@@ -362,6 +362,17 @@ def _to_device(images: UInt8Array, device: torch.device) -> torch.Tensor:
     return result
 
 
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether ``preload`` should be used: a GPU with ``nbytes`` under half its free memory.
+
+    The other half is left for training.
+    """
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes < 0.5 * free
+
+
 class ImageFolderDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Decode each image on access, for a plain ``DataLoader`` instead of the cache.
 

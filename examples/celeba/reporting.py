@@ -83,7 +83,8 @@ class EpochRecord(TypedDict):
     ``train_loss`` may hold NaN (a task without a loss that epoch); it is written as
     ``null``, so a record read back from ``metrics.json`` holds ``None`` there instead, which
     every function here accepts. ``terms`` is empty for runs without DST terms and for the
-    warm-up epoch.
+    warm-up epoch. ``keep_probabilities``, ``terms`` and ``gates`` are those computed at the
+    end of the epoch, which decide the next epoch's updates.
     """
 
     epoch: int

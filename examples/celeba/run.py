@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
 import shlex
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -35,7 +36,7 @@ from celeba_files import (
     parse_attributes,
 )
 from demo_data import generate_demo_celeba
-from image_cache import DeviceBatches, ImageFolderDataset, build_cache
+from image_cache import DeviceBatches, ImageFolderDataset, build_cache, fits_on_device
 from methods import DEFAULT_METHODS, dst_method, parse_methods
 from study import Settings, run_method
 from torch import Tensor
@@ -44,12 +45,24 @@ from torch.utils.data import DataLoader, DistributedSampler
 import dstmtl
 from dstmtl import MultiHeadNet
 
+_T = TypeVar("_T")
 _STUDY_FILE = "study.json"
 # The demo's defaults: small enough for about a minute on a 2-core CPU.
 _DEMO = {"epochs": 3, "batch_size": 32, "image_size": 64, "weights": "none", "demo_images": 1200}
 _FULL = {"epochs": 5, "batch_size": 256, "image_size": 128, "weights": "DEFAULT", "demo_images": 0}
 # Options that may differ between an interrupted run and its --resume.
-_NOT_COMPARED = {"resume", "overwrite", "progress", "download", "workers", "cache_dir"}
+_NOT_COMPARED = {
+    "resume",
+    "overwrite",
+    "progress",
+    "download",
+    "workers",
+    "cache_dir",
+    "out",  # a study started without --out is resumed with the folder it chose
+    "terms_epoch",  # only changes the report
+    "device",
+    "compile",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,20 +90,22 @@ def _study(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
     if args.dst_metrics:
         extra = dst_method(args.dst_metrics)
         methods += [extra] if extra not in methods else []
-    out = Path(args.out or f"runs/{'demo' if args.demo else 'celeba'}-{_now('%Y%m%d-%H%M%S')}")
     config = {k: v for k, v in vars(args).items() if k not in _NOT_COMPARED}
-    if rank == 0:
-        _prepare_out(out, config, resume=args.resume, overwrite=args.overwrite)
-    _barrier(world_size)
 
+    def prepare() -> Path:
+        out = Path(args.out or f"runs/{'demo' if args.demo else 'celeba'}-{_now('%Y%m%d-%H%M%S')}")
+        _prepare_out(out, config, resume=args.resume, overwrite=args.overwrite)
+        root = out / "demo_data" if args.demo else Path(args.root)
+        if args.demo and not (root / "list_eval_partition.txt").exists():
+            generate_demo_celeba(
+                root, n_images=args.demo_images, seed=args.seed, progress=args.progress
+            )
+        if args.download:
+            _download(root)
+        return out
+
+    out = _on_first_rank(prepare, rank, world_size)
     root = out / "demo_data" if args.demo else Path(args.root)
-    if args.demo and rank == 0 and not (root / "list_eval_partition.txt").exists():
-        generate_demo_celeba(
-            root, n_images=args.demo_images, seed=args.seed, progress=args.progress
-        )
-    if args.download and rank == 0:
-        _download(root)
-    _barrier(world_size)
     files = locate(root)
     splits = load_splits(files, attributes)
 
@@ -318,22 +333,12 @@ def _batch_source(
         directory = (
             cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dstmtl"
         )
-        if rank == 0:
-            images = build_cache(
-                split.image_paths(image_dir),
-                directory,
-                crop=args.crop,
-                image_size=args.image_size,
-                workers=args.workers,
-                desc=f"caching {name}",
-                progress=args.progress,
-            )
-        _barrier(world_size)
-        if rank != 0:
-            images = build_cache(
-                split.image_paths(image_dir), directory, crop=args.crop, image_size=args.image_size
-            )
-        preload = device.type == "cuda" and _fits_on_device(images, device)
+        paths = split.image_paths(image_dir)
+        build = functools.partial(_build_cache, paths, directory, args, f"caching {name}")
+        _on_first_rank(build, rank, world_size)
+        # Opens what rank 0 built.
+        images = build_cache(paths, directory, crop=args.crop, image_size=args.image_size)
+        preload = fits_on_device(images.nbytes, device)
         loaders[name] = DeviceBatches(
             images,
             split.labels,
@@ -353,17 +358,16 @@ def _batch_source(
     return batches
 
 
-def _fits_on_device(images: npt.NDArray[np.uint8], device: torch.device) -> bool:
-    free, _ = torch.cuda.mem_get_info(device)
-    return bool(images.nbytes < 0.5 * free)  # leave half for training
-
-
 def _majority(
     train: npt.NDArray[np.float32], test: npt.NDArray[np.float32], attributes: Sequence[str]
 ) -> dict[str, float]:
-    """Test accuracy of always predicting each attribute's majority class in training."""
+    """Test accuracy of always predicting each attribute's majority class in training.
+
+    Over the labelled test samples only, like the runs' scores.
+    """
     majority = (np.nanmean(train, axis=0) >= 0.5).astype(np.float32)
-    accuracy = (test == majority).mean(axis=0)
+    labelled = ~np.isnan(test)
+    accuracy = ((test == majority) & labelled).sum(axis=0) / np.maximum(labelled.sum(axis=0), 1)
     return dict(zip(attributes, accuracy.tolist(), strict=True))
 
 
@@ -412,9 +416,36 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _barrier(world_size: int) -> None:
+def _build_cache(paths: list[Path], directory: Path, args: argparse.Namespace, desc: str) -> None:
+    build_cache(
+        paths,
+        directory,
+        crop=args.crop,
+        image_size=args.image_size,
+        workers=args.workers,
+        desc=desc,
+        progress=args.progress,
+    )
+
+
+def _on_first_rank(work: Callable[[], _T], rank: int, world_size: int) -> _T:
+    """Run ``work`` on rank 0 only; every rank gets its result, or raises its error.
+
+    Sharing the error keeps the other ranks from waiting forever for a rank that stopped.
+    """
+    outcome: list[tuple[bool, Any]] = [(True, None)]
+    if rank == 0:
+        try:
+            outcome = [(True, work())]
+        except CelebAError as error:
+            outcome = [(False, str(error))]
     if world_size > 1:
-        dist.barrier()
+        dist.broadcast_object_list(outcome, src=0)
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise CelebAError(value)
+    result: _T = value
+    return result
 
 
 def _now(fmt: str | None = None) -> str:

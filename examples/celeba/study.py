@@ -18,6 +18,7 @@ from image_cache import prepare_batch
 from methods import Method
 from reporting import EpochRecord, EvaluationMetrics, RunResult
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dstmtl import MaskedMultiTaskLoss, MultiHeadNet
@@ -49,6 +50,86 @@ class Settings:
         return self.rank == 0
 
 
+class Trainer:
+    """One method's model, optimizer and training step.
+
+    The step never reads a device value on the host for ``equal``, DST and the TorchJD
+    scalarizers; the TorchJD aggregators solve their small problem on the CPU.
+    """
+
+    def __init__(
+        self,
+        method_name: str,
+        build_model: Callable[[], MultiHeadNet],
+        train_labels: npt.NDArray[np.float32],
+        settings: Settings,
+    ) -> None:
+        torch.manual_seed(settings.seed)  # the same initial weights for every method
+        self.model = build_model().to(settings.device).to(memory_format=torch.channels_last)
+        self.method = Method(
+            method_name,
+            self.model,
+            train_labels,
+            seed=settings.seed,
+            distributed=settings.world_size > 1,
+        )
+        for module in self.method.modules():
+            module.to(settings.device)
+        parameters = list(self.model.parameters()) + self.method.parameters()
+        self.optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate)
+        self.loss_fn = MaskedMultiTaskLoss(dict.fromkeys(self.model.task_names, "binary"))
+        network: torch.nn.Module = self.model
+        if settings.world_size > 1:
+            cuda = settings.device.type == "cuda"
+            network = DistributedDataParallel(
+                self.model, device_ids=[settings.device.index] if cuda else None
+            )
+        if settings.compile:
+            network = torch.compile(network)  # type: ignore[assignment]
+        self.network = network
+        self.device = settings.device
+
+    def autocast(self) -> torch.autocast:
+        """bfloat16 on a GPU; full precision on the CPU, where bfloat16 is slow."""
+        cuda = self.device.type == "cuda"
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=cuda)
+
+    def step(self, images: Tensor, labels: Tensor, flips: torch.Generator) -> None:
+        """One training step on a uint8 batch already on the device."""
+        x = prepare_batch(images, train=True, generator=flips)
+        with self.autocast():
+            features = None
+            if self.method.aggregator is not None:
+                # The aggregators need the shared features, so they bypass the compiled or
+                # DDP wrapper (they run on one process and uncompiled).
+                features = self.model.forward_features(x)
+                outputs = self.model.forward_heads(features)
+            else:
+                outputs = self.network(x)
+            losses = self.loss_fn(outputs, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.backward(losses, self.loss_fn.label_counts, features)
+        self.optimizer.step()
+        self.method.after_optimizer_step(functools.partial(self._losses, x, labels))
+
+    def _losses(self, x: Tensor, labels: Tensor) -> Tensor:
+        with self.autocast():
+            losses: Tensor = self.loss_fn(self.network(x), labels)
+        return losses
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+
+
 def run_method(
     method_name: str,
     build_model: Callable[[], MultiHeadNet],
@@ -60,59 +141,46 @@ def run_method(
 
     Returns the run's entry of ``results["runs"]``. Every epoch ends with an atomic
     checkpoint, so an interrupted run resumes from its last completed epoch and ends with
-    the same results as an uninterrupted one (bit for bit on the CPU).
+    the same results as an uninterrupted one (bit for bit on the CPU), except for DWA and
+    FAMO, whose internal state TorchJD does not expose and which restart it.
     """
-    torch.manual_seed(settings.seed)  # the same initial weights for every method
-    model = build_model().to(settings.device).to(memory_format=torch.channels_last)
-    method = Method(
-        method_name,
-        model,
-        train_labels,
-        seed=settings.seed,
-        distributed=settings.world_size > 1,
-    )
-    for module in method.modules():
-        module.to(settings.device)
-    parameters = list(model.parameters()) + method.parameters()
-    optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate)
-    loss_fn = MaskedMultiTaskLoss(dict.fromkeys(model.task_names, "binary"))
-    network: torch.nn.Module = model
-    if settings.world_size > 1:
-        network = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[settings.device.index] if settings.device.type == "cuda" else None
-        )
-    if settings.compile:
-        network = torch.compile(network)  # type: ignore[assignment]
-
     checkpoint_path = settings.checkpoint_dir / f"{method_name}.pt"
     state = _load_checkpoint(checkpoint_path, settings.device)
     if state is not None and "result" in state:
         finished: RunResult = state["result"]
         return finished
+    trainer = Trainer(method_name, build_model, train_labels, settings)
+    tasks = trainer.model.task_names
     history: list[EpochRecord] = []
     best: dict[str, Any] = {"epoch": -1, "score": -1.0, "model": None}
     first_epoch = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        method.load_state_dict(state["method"])
+        trainer.load_state_dict(state["trainer"])
         history, best, first_epoch = state["history"], state["best"], state["epoch"]
 
     for epoch in range(first_epoch, settings.epochs):
         started = time.perf_counter()
-        _train_epoch(network, model, method, loss_fn, optimizer, batches, epoch, settings)
-        valid = scores(
-            evaluate(network, batches, "valid", model.task_names, settings), model.task_names
-        )
+        # Re-seeded per epoch, so a resumed run draws what an uninterrupted one draws.
+        torch.manual_seed(settings.seed * 1000 + epoch)
+        flips = torch.Generator(settings.device).manual_seed(settings.seed * 1000 + epoch)
+        trainer.model.train()
+        description = f"{method_name} {epoch + 1}/{settings.epochs}"
+        for images, labels in _progress(batches("train", epoch=epoch), description, settings):
+            trainer.step(images, labels, flips)
+        trainer.method.end_epoch()
+
+        valid_batches = _progress(batches("valid", epoch=0), "valid", settings)
+        valid = scores(evaluate(trainer, valid_batches), tasks)
+        scheduler = trainer.method.scheduler
         history.append(
             EpochRecord(
                 epoch=epoch,
-                train_loss=method.scheduler.epoch_losses,
-                keep_probabilities=method.scheduler.keep_probabilities,
-                gates=method.scheduler.gates,
+                train_loss=scheduler.epoch_losses,
+                keep_probabilities=scheduler.keep_probabilities,
+                gates=scheduler.gates,
                 # The other methods' scheduler only gathers losses: its constant term is noise.
-                terms=method.scheduler.terms if method.drops_tasks else {},
-                loss_weights=method.scheduler.loss_weights,
+                terms=scheduler.terms if trainer.method.drops_tasks else {},
+                loss_weights=scheduler.loss_weights,
                 valid={"accuracy": valid["accuracy"], "mean_accuracy": valid["mean_accuracy"]},
                 seconds=time.perf_counter() - started,
             )
@@ -122,26 +190,18 @@ def run_method(
             best = {
                 "epoch": epoch,
                 "score": valid["mean_accuracy"],
-                "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                "model": {
+                    k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()
+                },
             }
-        save_checkpoint(
-            checkpoint_path,
-            {
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "method": method.state_dict(),
-                "history": history,
-                "best": best,
-            },
-            settings,
-        )
+        checkpoint = {"epoch": epoch + 1, "trainer": trainer.state_dict()}
+        save_checkpoint(checkpoint_path, {**checkpoint, "history": history, "best": best}, settings)
 
-    model.load_state_dict(best["model"])
-    test = scores(evaluate(network, batches, "test", model.task_names, settings), model.task_names)
+    trainer.model.load_state_dict(best["model"])
+    test = scores(evaluate(trainer, _progress(batches("test", epoch=0), "test", settings)), tasks)
     result = RunResult(
         method=method_name,
-        description=method.description,
+        description=trainer.method.description,
         epochs=history,
         selected_epoch=best["epoch"],
         test=test,
@@ -151,66 +211,19 @@ def run_method(
     return result
 
 
-def _train_epoch(
-    network: torch.nn.Module,
-    model: MultiHeadNet,
-    method: Method,
-    loss_fn: MaskedMultiTaskLoss,
-    optimizer: torch.optim.Optimizer,
-    batches: BatchSource,
-    epoch: int,
-    settings: Settings,
-) -> None:
-    """One pass over the training split; nothing in it reads a device value on the host."""
-    # Re-seeded per epoch, so a resumed run draws what an uninterrupted one draws.
-    torch.manual_seed(settings.seed * 1000 + epoch)
-    flips = torch.Generator(settings.device).manual_seed(settings.seed * 1000 + epoch)
-    autocast = settings.device.type == "cuda"
-    model.train()
-    description = f"{method.name} {epoch + 1}/{settings.epochs}"
-    for images, labels in _progress(batches("train", epoch=epoch), description, settings):
-        x = prepare_batch(images, train=True, generator=flips)
-        with torch.autocast(settings.device.type, torch.bfloat16, enabled=autocast):
-            features = None
-            if method.aggregator is not None:
-                features = model.forward_features(x)
-                outputs = model.forward_heads(features)
-            else:
-                outputs = network(x)
-            losses = loss_fn(outputs, labels)
-        optimizer.zero_grad(set_to_none=True)
-        method.backward(losses, loss_fn.label_counts, features)
-        optimizer.step()
-        method.after_optimizer_step(functools.partial(_losses, network, loss_fn, x, labels))
-    method.end_epoch()
-
-
-def _losses(
-    network: torch.nn.Module, loss_fn: MaskedMultiTaskLoss, x: Tensor, labels: Tensor
-) -> Tensor:
-    losses: Tensor = loss_fn(network(x), labels)
-    return losses
-
-
-def evaluate(
-    network: torch.nn.Module,
-    batches: BatchSource,
-    split: str,
-    tasks: tuple[str, ...],
-    settings: Settings,
-) -> Tensor:
+def evaluate(trainer: Trainer, batches: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
     """Per-task confusion counts ``[4, K]`` (TP, FP, FN, TN) over a whole split.
 
     The counts stay on the device until the end, so evaluation does not synchronise per
     batch. Every rank evaluates the whole split, which keeps the counts exact without
     padding the split to a multiple of the number of ranks.
     """
-    network.eval()
-    counts = torch.zeros(4, len(tasks), dtype=torch.long, device=settings.device)
-    autocast = settings.device.type == "cuda"
-    with torch.no_grad(), torch.autocast(settings.device.type, torch.bfloat16, enabled=autocast):
-        for images, labels in _progress(batches(split, epoch=0), split, settings):
-            outputs = network(prepare_batch(images, train=False))
+    tasks = trainer.model.task_names
+    trainer.network.eval()
+    counts = torch.zeros(4, len(tasks), dtype=torch.long, device=trainer.device)
+    with torch.no_grad(), trainer.autocast():
+        for images, labels in batches:
+            outputs = trainer.network(prepare_batch(images, train=False))
             predicted = torch.stack([outputs[t].reshape(-1) > 0 for t in tasks], dim=1)
             labelled = ~labels.isnan()
             positive = labels == 1
@@ -225,8 +238,11 @@ def scores(counts: Tensor, tasks: tuple[str, ...]) -> EvaluationMetrics:
     """Accuracy, balanced accuracy and F1 per task from confusion counts, and their means."""
     tp, fp, fn, tn = (counts[row].double() for row in (_TP, _FP, _FN, _TN))
     accuracy = (tp + tn) / (tp + fp + fn + tn).clamp(min=1)
-    # A class absent from the split contributes a recall of 0 rather than NaN.
-    balanced = (tp / (tp + fn).clamp(min=1) + tn / (tn + fp).clamp(min=1)) / 2
+    # The mean recall over the classes present in the split (as scikit-learn computes it):
+    # a class without samples has no recall, not a recall of 0.
+    positives, negatives = tp + fn, tn + fp
+    recalls = tp / positives.clamp(min=1) + tn / negatives.clamp(min=1)
+    balanced = recalls / ((positives > 0).double() + (negatives > 0).double()).clamp(min=1)
     f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
 
     def per_task(values: Tensor) -> dict[str, float]:

@@ -41,7 +41,8 @@ def without_timings(value: Any) -> Any:
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("study") / "demo"
-    assert run.main(tiny_demo(out)) == 0
+    # Three epochs: DST draws its first gates at the end of the second.
+    assert run.main(tiny_demo(out, "--epochs", "3")) == 0
     return out
 
 
@@ -52,13 +53,13 @@ def test_demo_study_writes_every_output(finished_study: Path) -> None:
     assert list(results["runs"]) == ["equal", "dst"]
     for name, entry in results["runs"].items():
         assert entry["method"] == name
-        assert len(entry["epochs"]) == 2
+        assert len(entry["epochs"]) == 3
         test = entry["test"]
         for score in ("accuracy", "balanced_accuracy", "f1"):
             assert set(test[score]) == set(tasks)
             assert all(0.0 <= value <= 1.0 for value in test[score].values())
         assert test["mean_accuracy"] == pytest.approx(sum(test["accuracy"].values()) / 8)
-        assert 0 <= entry["selected_epoch"] < 2
+        assert 0 <= entry["selected_epoch"] < 3
     dst_epoch = results["runs"]["dst"]["epochs"][1]
     assert set(dst_epoch["terms"]) == {"task_incompleteness"}
     assert all(0.0 <= p <= 1.0 for p in dst_epoch["keep_probabilities"].values())
@@ -87,25 +88,30 @@ def test_checkpoints_load_with_weights_only(finished_study: Path) -> None:
 def test_resumed_study_equals_an_uninterrupted_one(
     finished_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "interrupted"
     saves = 0
     original = study.save_checkpoint
 
-    def crash_after_first_epoch(
+    def crash_in_dst_after_its_gates(
         path: Path, state: dict[str, Any], settings: study.Settings
     ) -> None:
         nonlocal saves
         original(path, state, settings)
         saves += 1
-        if saves == 3:  # equal: 2 epochs + its result; dst: after its first epoch
+        if saves == 6:  # equal: 3 epochs + its result; dst: 2 epochs, gates drawn
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(study, "save_checkpoint", crash_after_first_epoch)
+    # Started without --out, as a user would: the study picks its folder under ./runs.
+    monkeypatch.chdir(tmp_path)
+    argv = ["--demo", "--demo-images", "120", *TINY, "--epochs", "3"]
+    monkeypatch.setattr(study, "save_checkpoint", crash_in_dst_after_its_gates)
     with pytest.raises(KeyboardInterrupt):
-        run.main(tiny_demo(out))
-    assert saves == 3
+        run.main(argv)
+    assert saves == 6
     monkeypatch.setattr(study, "save_checkpoint", original)
-    assert run.main(tiny_demo(out, "--resume")) == 0
+    (out,) = (tmp_path / "runs").iterdir()
+    interrupted = torch.load(out / "checkpoints" / "dst.pt", weights_only=True)
+    assert not all(interrupted["history"][-1]["gates"].values())  # a task was dropped
+    assert run.main([*argv, "--resume", "--out", str(out)]) == 0
 
     resumed = json.loads((out / "metrics.json").read_text())
     uninterrupted = json.loads((finished_study / "metrics.json").read_text())
@@ -238,7 +244,7 @@ def test_scores_by_hand() -> None:
     scores = study.scores(counts, ("a", "b"))
     assert scores["accuracy"] == pytest.approx({"a": 0.7, "b": 1.0})
     assert scores["balanced_accuracy"]["a"] == pytest.approx((3 / 5 + 4 / 5) / 2)
-    assert scores["balanced_accuracy"]["b"] == pytest.approx(0.5)
+    assert scores["balanced_accuracy"]["b"] == 1.0  # no positives: the negatives' recall alone
     assert scores["f1"]["a"] == pytest.approx(6 / 9)
     assert scores["f1"]["b"] == 0.0
     assert not math.isnan(scores["mean_f1"])
