@@ -187,8 +187,8 @@ def _benchmark(
     backbone, heads = _network(num_tasks, heads_only)
     variants = {
         _LIBRARY: _library_step(backbone, heads, tasks, images, targets),
-        _FUSED: _fused_step(backbone, heads, images, targets),
-        _LOOP: _loop_step(backbone, heads, images, targets),
+        _FUSED: _hand_written_step(backbone, heads, images, _fused_objective(targets)),
+        _LOOP: _hand_written_step(backbone, heads, images, _loop_objective(targets)),
         _MISSING: _library_step(backbone, heads, tasks, images, incomplete),
     }
     return _Result(
@@ -252,32 +252,13 @@ def _library_step(
     return step
 
 
-def _fused_step(
-    backbone: nn.Module, heads: nn.ModuleList, images: Tensor, targets: Tensor
+def _hand_written_step(
+    backbone: nn.Module,
+    heads: nn.ModuleList,
+    images: Tensor,
+    objective: Callable[[Tensor, nn.ModuleList], Tensor],
 ) -> Callable[[], None]:
-    device = images.device
-    shared, branches = _copy_to(backbone, device), _copy_to(heads, device)
-    assert isinstance(branches, nn.ModuleList)
-    optimizer = torch.optim.Adam([*shared.parameters(), *branches.parameters()], lr=1e-3)
-    batch = images.shape[0]
-
-    def step() -> None:
-        with _autocast(device):
-            features = shared(images)
-            logits = torch.cat([head(features) for head in branches], dim=1)
-            # Summed over [B, K] and divided by B: the sum of the per-task means, the
-            # objective of the other steps.
-            loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / batch
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
-def _loop_step(
-    backbone: nn.Module, heads: nn.ModuleList, images: Tensor, targets: Tensor
-) -> Callable[[], None]:
+    """A plain PyTorch step: ``objective(features, heads)`` is the loss to minimise."""
     device = images.device
     shared, branches = _copy_to(backbone, device), _copy_to(heads, device)
     assert isinstance(branches, nn.ModuleList)
@@ -285,17 +266,34 @@ def _loop_step(
 
     def step() -> None:
         with _autocast(device):
-            features = shared(images)
-            losses = [
-                F.binary_cross_entropy_with_logits(head(features).squeeze(1), targets[:, j])
-                for j, head in enumerate(branches)
-            ]
-            loss = sum(losses[1:], losses[0])
+            loss = objective(shared(images), branches)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     return step
+
+
+def _fused_objective(targets: Tensor) -> Callable[[Tensor, nn.ModuleList], Tensor]:
+    def objective(features: Tensor, heads: nn.ModuleList) -> Tensor:
+        logits = torch.cat([head(features) for head in heads], dim=1)
+        # Summed over [B, K] and divided by B: the sum of the per-task means, the objective
+        # of the other steps.
+        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
+        return loss / targets.shape[0]
+
+    return objective
+
+
+def _loop_objective(targets: Tensor) -> Callable[[Tensor, nn.ModuleList], Tensor]:
+    def objective(features: Tensor, heads: nn.ModuleList) -> Tensor:
+        losses = [
+            F.binary_cross_entropy_with_logits(head(features).squeeze(1), targets[:, j])
+            for j, head in enumerate(heads)
+        ]
+        return sum(losses[1:], losses[0])
+
+    return objective
 
 
 def _header(device: torch.device, settings: _Settings) -> str:
