@@ -117,6 +117,7 @@ class Method:
         tasks = model.task_names
         metrics = [_metric(metric, model, train_labels) for metric in spec.dst_metrics]
         self.scheduler = TaskDropScheduler(tasks, metrics, generator=seed)
+        self._scalarizer_name = spec.scalarizer
         self.scalarizer: nn.Module | None = _torchjd(
             "scalarization", spec.scalarizer, name, len(tasks)
         )
@@ -139,7 +140,7 @@ class Method:
 
         FAMO's logits are left out on purpose: FAMO updates them with its own optimizer.
         """
-        if self.scalarizer is None or type(self.scalarizer).__name__ == "FAMO":
+        if self.scalarizer is None or self._scalarizer_name == "FAMO":
             return []
         return list(self.scalarizer.parameters())
 
@@ -168,13 +169,13 @@ class Method:
 
     def after_optimizer_step(self, recompute_losses: Callable[[], Tensor]) -> None:
         """FAMO learns its weights from how the losses moved over the step, on the same batch."""
-        if self.scalarizer is not None and type(self.scalarizer).__name__ == "FAMO":
+        if self.scalarizer is not None and self._scalarizer_name == "FAMO":
             with torch.no_grad():
                 self.scalarizer.update(recompute_losses())  # type: ignore[operator]
 
     def end_epoch(self) -> None:
         self.scheduler.step()
-        if self.scalarizer is not None and type(self.scalarizer).__name__ == "DWA":
+        if self.scalarizer is not None and self._scalarizer_name == "DWA":
             self.scalarizer.step()  # type: ignore[operator]
 
     def state_dict(self) -> dict[str, Any]:
