@@ -99,17 +99,53 @@ def test_binary_tasks_are_computed_in_one_call(monkeypatch: pytest.MonkeyPatch) 
     assert calls == [(8, 40)]
 
 
-def test_bfloat16_autocast() -> None:
+def test_bfloat16_autocast_is_close_to_float32() -> None:
     loss = MaskedMultiTaskLoss({"a": "binary", "b": "multiclass"})
     layer = torch.nn.Linear(4, 4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        features = layer(torch.randn(6, 4))
-        outputs = {"a": features[:, 0], "b": features[:, 1:]}
-        result = loss(outputs, {"a": torch.ones(6), "b": torch.tensor([0, 1, 2, -1, 0, 1])})
-    assert result.shape == (2,)
-    assert torch.isfinite(result).all()
-    result.sum().backward()
-    assert layer.weight.grad is not None
+    inputs = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    targets = {
+        "a": torch.tensor([1.0, 0.0, 1.0, math.nan, 0.0, 1.0]),
+        "b": torch.tensor([0, 1, 2, -1, 0, 1]),
+    }
+
+    def losses_and_grad(autocast: bool) -> tuple[Tensor, Tensor]:
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            features = layer(inputs)
+            result = loss({"a": features[:, 0], "b": features[:, 1:]}, targets)
+        result.sum().backward()
+        assert layer.weight.grad is not None
+        return result.float(), layer.weight.grad.clone()
+
+    (low, low_grad), (full, full_grad) = losses_and_grad(True), losses_and_grad(False)
+    torch.testing.assert_close(low, full, atol=0.02, rtol=0.02)
+    torch.testing.assert_close(low_grad, full_grad, atol=0.02, rtol=0.05)
+    assert loss.label_counts.tolist() == [5.0, 5.0]
+
+
+def test_bfloat16_outputs_are_counted_and_averaged_in_float32() -> None:
+    # bfloat16 holds integers exactly only up to 256: 301 labels must not become 300.
+    loss = MaskedMultiTaskLoss({"a": "regression"})
+    outputs = {"a": torch.zeros(301, dtype=torch.bfloat16)}
+    result = loss(outputs, torch.ones(301, 1))
+    assert loss.label_counts.tolist() == [301.0]
+    assert loss.label_counts.dtype == torch.float32
+    assert result.tolist() == [1.0]
+
+
+def test_a_module_loss_is_a_submodule() -> None:
+    weighted = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0]), reduction="none")
+    loss = MaskedMultiTaskLoss({"a": "binary", "b": weighted}).double()
+    assert weighted.weight is not None
+    assert weighted.weight.dtype == torch.float64  # moved with the loss
+    assert "loss_modules.b.weight" in loss.state_dict()
+    outputs = {
+        "a": torch.zeros(3, dtype=torch.float64),
+        "b": torch.zeros(3, 2, dtype=torch.float64),
+    }
+    result = loss(outputs, {"a": torch.ones(3), "b": torch.tensor([0, 1, -1])})
+    # b: equal logits, so log 2 per sample times its class weight: (1 + 3) / 2 labelled.
+    assert result.tolist() == pytest.approx([math.log(2), 2 * math.log(2)])
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -152,6 +188,10 @@ def test_bad_task_specs() -> None:
     loss = MaskedMultiTaskLoss({"a": lambda output, target: (output - target).abs()})
     with pytest.raises(ValueError, match=r"one value per sample, shape \(2,\)"):
         loss({"a": torch.zeros(2, 3)}, {"a": torch.zeros(2, 3)})
+    with pytest.raises(
+        ValueError, match=r"task 'a' must have the batch size 2 first, got shape \(3,\)"
+    ):
+        loss({"a": torch.zeros(2)}, {"a": torch.zeros(3)})
     with pytest.raises(RuntimeError, match="after the first call"):
         _ = MaskedMultiTaskLoss({"a": "binary"}).label_counts
 

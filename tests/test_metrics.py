@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -22,6 +23,7 @@ from dstmtl.metrics import (
 TASKS = ["a", "b", "c"]
 # Three epochs of mean losses; task b gets worse in epoch 2 (negative progress).
 HISTORY = [[1.0, 2.0, 4.0], [0.5, 1.8, 2.0], [0.25, 1.9, 1.5]]
+STAT_TENSORS = ("losses", "previous_losses", "baseline_losses", "label_counts")
 
 
 def run(metrics: list[Metric], history: list[list[float]], **kwargs: object) -> TaskDropScheduler:
@@ -137,6 +139,32 @@ def test_zero_mean_ratio_keeps_every_task() -> None:
     assert scheduler.terms["task_stagnancy"] == {"a": 1.0, "b": 1.0}
 
 
+def test_zero_mean_rate_keeps_every_task() -> None:
+    scheduler = run([TaskStagnancy()], [[1.0, 2.0], [1.0, 2.0]])  # r = R = [0, 0]
+    assert scheduler.terms["task_stagnancy"] == {"a": 1.0, "b": 1.0}
+
+
+def test_a_negative_epoch_mean_leaves_the_ratios_undefined() -> None:
+    # A loss that can go below 0 (e.g. a Gaussian negative log-likelihood): the ratios
+    # assume losses >= 0, so task a is handled as not measured while its mean is negative.
+    history = [[1.0, 1.0, 1.0], [-0.5, 0.5, 0.25]]
+    scheduler = run([TaskIncompleteness(), TaskStagnancy(alpha=0.1)], history)
+    u1 = [1.0, 1.0, 0.25 / 0.375]  # A = [-, 0.5, 0.25], mean over b and c
+    r1 = [0.5, 0.75 / u1[2]]  # b and c; a has no rate
+    assert values(scheduler, "task_incompleteness") == pytest.approx(u1)
+    assert values(scheduler, "task_stagnancy") == pytest.approx([1.0, 1.0, sum(r1) / 2 / r1[1]])
+    scheduler.step([0.5, 0.25, 0.2])
+    # A = [0.5, 0.25, 0.2] is defined again; a's rate is not (its previous mean is < 0).
+    mean_a = 0.95 / 3
+    u2 = [1.0, 0.25 / mean_a, 0.2 / mean_a]
+    assert values(scheduler, "task_incompleteness") == pytest.approx(u2)
+    rates = [0.1 * 0.5 / u2[1] + 0.9 * r1[0], 0.1 * 0.2 / u2[2] + 0.9 * r1[1]]
+    mean_r = sum(rates) / 2
+    assert values(scheduler, "task_stagnancy") == pytest.approx(
+        [1.0, min(1.0, mean_r / rates[0]), mean_r / rates[1]]
+    )
+
+
 def test_zero_rate_gives_full_stagnancy() -> None:
     scheduler = run([TaskStagnancy()], [[1.0, 1.0], [1.0, 0.5]])
     # u = [1, 2/3]; r = [0, 0.5 / (2/3)] = [0, 0.75]; R = 0 -> s = 1; mean R 0.375
@@ -180,6 +208,11 @@ def test_stagnancy_state_round_trips() -> None:
         label_counts=torch.zeros(3, dtype=torch.float64),
     )
     assert torch.equal(restored(stats), metric(stats))
+    two_tasks = dataclasses.replace(
+        stats, task_names=("a", "b"), **{f: getattr(stats, f)[:2] for f in STAT_TENSORS}
+    )
+    with pytest.raises(ValueError, match="rates for 3 tasks but got statistics for 2 tasks"):
+        restored(two_tasks)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -188,10 +221,18 @@ def test_stagnancy_state_round_trips() -> None:
 def test_bad_metric_arguments() -> None:
     with pytest.raises(ValueError, match="alpha must be in"):
         TaskStagnancy(alpha=0.0)
-    with pytest.raises(ValueError, match="depths must be positive"):
-        NetworkDepth([17, 0])
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\], got 5.0"):
+        TaskStagnancy().load_state_dict({"alpha": 5.0, "rates": None})
+    with pytest.raises(ValueError, match="rates in the state must be None or a 1-D tensor"):
+        TaskStagnancy().load_state_dict({"alpha": 0.1, "rates": [0.5]})
+    for depths in ([17, 0], [math.inf, 3], [math.nan, 3]):
+        with pytest.raises(ValueError, match="depths must be positive and finite"):
+            NetworkDepth(depths)
     with pytest.raises(ValueError, match="at least one positive"):
         LabelCount([0, 0])
+    for counts in ([-1, 3], [math.inf, 3], [math.nan, 3]):
+        with pytest.raises(ValueError, match="counts must be finite and non-negative"):
+            LabelCount(counts)
     with pytest.raises(ValueError, match=r"shape \[N, K\]"):
         LabelCount(torch.ones(5))
     scheduler = TaskDropScheduler(TASKS, [NetworkDepth({"a": 1, "b": 2, "x": 3})])

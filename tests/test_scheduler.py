@@ -133,6 +133,28 @@ def test_redraw_every_n_steps() -> None:
     assert len(set(seen)) > 3  # and redrawn between blocks
 
 
+def test_each_loss_keeps_the_gates_it_was_built_with() -> None:
+    # Gradient accumulation: several losses built, then one backward, with a redraw between
+    # them, or a step() before the backward.
+    scheduler = TaskDropScheduler(
+        ["a", "b", "c", "d"], [Fixed([0.5] * 4)], redraw_every=1, min_active_tasks=0, generator=5
+    )
+    scheduler.step([1.0] * 4)
+    scheduler.step([1.0] * 4)
+    losses = [torch.ones(4, requires_grad=True) for _ in range(6)]
+    gates = []
+    total = torch.zeros(())
+    for step_losses in losses:
+        total = total + scheduler(step_losses)
+        gates.append([float(g) for g in scheduler.gates.values()])
+    scheduler.step()
+    total.backward()
+    assert len({tuple(g) for g in gates}) > 1  # the draws did change
+    for step_losses, step_gates in zip(losses, gates, strict=True):
+        assert step_losses.grad is not None
+        assert step_losses.grad.tolist() == step_gates
+
+
 def test_state_dict_round_trip_mid_epoch_continues_identically() -> None:
     def make() -> TaskDropScheduler:
         return TaskDropScheduler(
@@ -232,6 +254,9 @@ def test_bad_construction() -> None:
         TaskDropScheduler(["a", "b"], [Constant()], min_active_tasks=3)
     with pytest.raises(ValueError, match="metric_weights has 2 values for 1 metrics"):
         TaskDropScheduler(["a"], [Constant()], metric_weights=[1.0, 1.0])
+    for weights in ([math.inf, 1.0], [math.nan, 1.0], [-1.0, 2.0], [0.0, 0.0]):
+        with pytest.raises(ValueError, match="finite and non-negative with a positive sum"):
+            TaskDropScheduler(["a"], [Constant(), Fixed([1.0])], metric_weights=weights)
     with pytest.raises(ValueError, match="redraw_every must be"):
         TaskDropScheduler(["a"], [Constant()], redraw_every=0)
 
@@ -244,6 +269,20 @@ def test_bad_step_input() -> None:
         scheduler(torch.ones(2), torch.ones(1))
     with pytest.raises(ValueError, match=r"mean_losses keys .* missing \['b'\]"):
         scheduler.step({"a": 1.0})
+    with pytest.raises(ValueError, match=r"one scalar loss per task name; \{'b': \(3,\)\}"):
+        scheduler({"a": torch.ones(()), "b": torch.ones(3)})
+    with pytest.raises(TypeError, match=r"got list; .* torch.stack\(losses\)"):
+        scheduler([torch.ones(()), torch.ones(())])  # type: ignore[arg-type]
+
+
+class Nameless(Metric):
+    def __call__(self, stats: EpochStatistics) -> Tensor:
+        return torch.ones(len(stats.task_names))
+
+
+def test_a_metric_without_a_name_is_refused() -> None:
+    with pytest.raises(TypeError, match="metric Nameless has no `name`"):
+        TaskDropScheduler(["a"], [Nameless()])
 
 
 def test_state_dict_carries_the_settings() -> None:

@@ -41,7 +41,9 @@ class MaskedMultiTaskLoss(nn.Module):
     * a callable ``loss(output, target) -> [B]`` returning per-sample losses. Its missing
       labels follow the target's dtype (NaN if floating, -1 otherwise) and are replaced by
       0 before the call, so the callable never sees them; a sample whose target has any
-      missing entry does not count.
+      missing entry does not count. A callable that is an :class:`~torch.nn.Module` (e.g.
+      ``nn.CrossEntropyLoss(weight=w, reduction="none")``) is registered as a submodule, so
+      ``.to()`` and ``state_dict()`` include it.
 
     All binary tasks are computed in one vectorised call over ``[B, K_binary]``, and so are
     all regression tasks. Nothing here reads tensor values on the host, so the call never
@@ -72,13 +74,18 @@ class MaskedMultiTaskLoss(nn.Module):
                     f"{list(_KINDS)} or a callable loss(output, target) -> per-sample losses"
                 )
         self.tasks: dict[str, TaskSpec] = dict(tasks)
+        # Module losses (CrossEntropyLoss(weight=...)) become submodules, so that .to() moves
+        # their buffers and state_dict() saves them.
+        self.loss_modules = nn.ModuleDict(
+            {name: spec for name, spec in tasks.items() if isinstance(spec, nn.Module)}
+        )
         self._binary = [j for j, spec in enumerate(tasks.values()) if spec == "binary"]
         self._regression = [j for j, spec in enumerate(tasks.values()) if spec == "regression"]
         self._label_counts: Tensor | None = None
 
     @property
     def label_counts(self) -> Tensor:
-        """Labelled samples per task in the last call, shape ``[K]``, on the outputs' device."""
+        """Labelled samples per task in the last call: float32 ``[K]`` on the outputs' device."""
         if self._label_counts is None:
             raise RuntimeError("MaskedMultiTaskLoss.label_counts is available after the first call")
         return self._label_counts
@@ -115,8 +122,14 @@ class MaskedMultiTaskLoss(nn.Module):
                 _check_multiclass_output(out, name, batch)
                 per_task[j], counts[j] = _masked_means(_cross_entropy, out, tgt)
             elif callable(spec):
+                target = columns[name]
+                if target.dim() == 0 or target.shape[0] != batch:
+                    raise ValueError(
+                        f"target of task {name!r} must have the batch size {batch} first, "
+                        f"got shape {tuple(target.shape)}"
+                    )
                 per_task[j], counts[j] = _masked_means(
-                    _per_sample_callable(spec, name), outputs[name], columns[name]
+                    _per_sample_callable(spec, name), outputs[name], target
                 )
         self._label_counts = torch.stack([c for c in counts if c is not None])
         return torch.stack([loss for loss in per_task if loss is not None])
@@ -158,8 +171,10 @@ def _masked_means(
         # when none of its target entries is missing.
         labelled = labelled.reshape(labelled.shape[0], -1).all(dim=1)
     losses = torch.where(labelled, losses, torch.zeros_like(losses))
-    counts = labelled.sum(dim=0).to(losses.dtype)
-    return losses.sum(dim=0) / counts.clamp(min=1), counts
+    # At least float32: bfloat16 and float16 cannot count or sum a large batch exactly.
+    dtype = torch.promote_types(losses.dtype, torch.float32)
+    counts = labelled.sum(dim=0).to(torch.float32)
+    return losses.sum(dim=0, dtype=dtype) / counts.clamp(min=1), counts
 
 
 def _binary_losses(outputs: Tensor, targets: Tensor) -> Tensor:

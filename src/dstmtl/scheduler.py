@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -170,7 +171,9 @@ class TaskDropScheduler:
         self._accumulator[_LOSS_SUM] += torch.where(labelled, detached, 0.0)
         self._accumulator[_LABELLED_STEPS] += labelled.to(torch.float32)
 
-        factors = self._factors.to(losses.dtype)
+        # A copy: autograd keeps it for the backward pass, and the device buffer is
+        # rewritten in place at the next redraw or step() (gradient accumulation).
+        factors = self._factors.to(losses.dtype, copy=True)
         return torch.where(factors > 0, losses * factors, torch.zeros_like(losses))
 
     def kept_losses(
@@ -387,7 +390,20 @@ class TaskDropScheduler:
         num_tasks = len(self._task_names)
         if isinstance(losses, Mapping):
             check_same_tasks(self._task_names, losses.keys(), what="loss names")
+            shapes = {name: tuple(losses[name].shape) for name in self._task_names}
+            not_scalar = {name: shape for name, shape in shapes.items() if math.prod(shape) != 1}
+            if not_scalar:
+                raise ValueError(
+                    f"TaskDropScheduler expects one scalar loss per task name; {not_scalar} "
+                    "hold several values (reduce each to its mean first)"
+                )
             losses = torch.stack([losses[name].reshape(()) for name in self._task_names])
+        if not isinstance(losses, Tensor):
+            raise TypeError(
+                f"TaskDropScheduler expects the losses as a [{num_tasks}] tensor or a mapping "
+                f"from task name to loss, got {type(losses).__name__}; for a list of scalar "
+                "losses, pass torch.stack(losses)"
+            )
         if losses.shape != (num_tasks,):
             raise ValueError(
                 f"TaskDropScheduler expects one loss per task, shape ({num_tasks},) for tasks "
@@ -476,6 +492,11 @@ def _check_metrics(metrics: Sequence[Metric]) -> tuple[Metric, ...]:
                 f"TaskDropScheduler: metrics must be dstmtl.metrics.Metric instances, got "
                 f"{metric!r} ({type(metric).__name__})"
             )
+        if not isinstance(getattr(metric, "name", None), str):
+            raise TypeError(
+                f"TaskDropScheduler: metric {type(metric).__name__} has no `name`; give the "
+                "class a string attribute, e.g. name = 'my_term', its key in `terms`"
+            )
     names = [metric.name for metric in metrics]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -497,9 +518,10 @@ def _check_metric_weights(
             f"metric_weights has {len(values)} values for {len(metrics)} metrics "
             f"{[metric.name for metric in metrics]}"
         )
-    if any(not w >= 0 for w in values) or not sum(values) > 0:
+    if any(not 0 <= w < math.inf for w in values) or not sum(values) > 0:
         raise ValueError(
-            f"metric_weights must be non-negative with a positive sum, got {list(values)}"
+            "metric_weights must be finite and non-negative with a positive sum, "
+            f"got {list(values)}"
         )
     return values
 

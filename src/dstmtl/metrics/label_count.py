@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -48,9 +49,12 @@ class LabelCount(Metric):
         else:
             self._counts = counts
             values = list(counts.values() if isinstance(counts, Mapping) else counts)
-        if any(float(v) < 0 for v in values) or not any(float(v) > 0 for v in values):
+        if any(not 0 <= float(v) < math.inf for v in values) or not any(
+            float(v) > 0 for v in values
+        ):
             raise ValueError(
-                f"LabelCount: counts must be non-negative with at least one positive, got {values}"
+                "LabelCount: counts must be finite and non-negative with at least one positive, "
+                f"got {values}"
             )
 
     def __call__(self, stats: EpochStatistics) -> Tensor:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -41,8 +42,10 @@ class NetworkDepth(Metric):
 
         self._depths = depths.depths() if isinstance(depths, MultiHeadNet) else depths
         values = self._depths.values() if isinstance(self._depths, Mapping) else self._depths
-        if any(not float(v) > 0 for v in values):
-            raise ValueError(f"NetworkDepth: depths must be positive, got {self._depths}")
+        if any(not 0 < float(v) < math.inf for v in values):
+            raise ValueError(
+                f"NetworkDepth: depths must be positive and finite, got {self._depths}"
+            )
 
     def __call__(self, stats: EpochStatistics) -> Tensor:
         depths = per_task_tensor(self._depths, stats.task_names, what="NetworkDepth depths")

@@ -9,11 +9,13 @@ from dstmtl.metrics._base import EpochStatistics, Metric
 def relative_incompleteness(stats: EpochStatistics) -> Tensor:
     """``u_j = min(1, A_j / mean_k A_k)`` with ``A_j = Lbar_j(e) / Lbar_j(0)``.
 
-    A task whose ratio is undefined (no baseline yet, or no finite loss this epoch) gets 1
-    and is left out of the mean; if no ratio is defined or their mean is 0, every task gets 1.
+    A task whose ratio is undefined (no baseline yet, no finite loss this epoch, or a
+    negative one) gets 1 and is left out of the mean; if no ratio is defined or their mean
+    is 0, every task gets 1.
     """
     ratios = stats.losses / stats.baseline_losses
-    defined = ratios.isfinite()
+    # The ratio measures how much of the loss is left, which means nothing below 0.
+    defined = ratios.isfinite() & (stats.losses >= 0)
     ones = torch.ones_like(ratios)
     if not bool(defined.any()):
         return ones
@@ -35,8 +37,9 @@ class TaskIncompleteness(Metric):
     average keeps :math:`u_j = 1`; a task ahead of the others gets :math:`u_j < 1` and is
     dropped more often. Scaling a task's losses by a constant does not change :math:`u`.
 
-    Edge cases: a task with no baseline or no finite loss in the epoch gets :math:`u_j = 1`
-    and does not count in :math:`\bar A`; if :math:`\bar A = 0` every task gets 1.
+    Edge cases: a task with no baseline, or no finite loss in the epoch, or a negative one
+    (the ratio assumes losses :math:`\ge 0`), gets :math:`u_j = 1` and does not count in
+    :math:`\bar A`; if :math:`\bar A = 0` every task gets 1.
 
     Example:
         >>> from dstmtl import TaskDropScheduler

@@ -32,9 +32,10 @@ class TaskStagnancy(Metric):
     epoch's, unless that one was not measured).
 
     Edge cases: :math:`r_j` is undefined when the task has no finite loss this epoch or
-    none before it, when :math:`\bar L_j(e-1) = 0` or when :math:`u_j = 0`; then :math:`R_j`
-    is left as it is. A task without :math:`R_j` yet, or with :math:`R_j = 0`, gets :math:`s_j = 1`,
-    and so does every task while :math:`\bar R = 0`.
+    none before it, when :math:`\bar L_j(e-1) \le 0` or :math:`\bar L_j(e) < 0` (the rate
+    assumes losses :math:`\ge 0`), or when :math:`u_j = 0`; then :math:`R_j` is left as it
+    is. A task without :math:`R_j` yet, or with :math:`R_j = 0`, gets :math:`s_j = 1`, and so
+    does every task while :math:`\bar R = 0`.
 
     Args:
         alpha: Weight of the newest rate in the moving average, in ``(0, 1]``.
@@ -52,19 +53,24 @@ class TaskStagnancy(Metric):
     name = "task_stagnancy"
 
     def __init__(self, alpha: float = 0.1) -> None:
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"TaskStagnancy: alpha must be in (0, 1], got {alpha}")
-        self.alpha = alpha
+        self.alpha = _checked_alpha(alpha)
         self._rates: Tensor | None = None
 
     def __call__(self, stats: EpochStatistics) -> Tensor:
         incompleteness = relative_incompleteness(stats)
         previous = stats.previous_losses
         rate = (previous - stats.losses) / previous / incompleteness
-        defined = rate.isfinite()
+        # As for the incompleteness, a relative fall means nothing for losses below 0.
+        defined = rate.isfinite() & (previous > 0) & (stats.losses >= 0)
         rates = self._rates
-        if rates is None or rates.numel() != rate.numel():
+        if rates is None:
             rates = torch.full_like(rate, float("nan"))
+        elif rates.shape != rate.shape:
+            raise ValueError(
+                f"TaskStagnancy holds rates for {rates.numel()} tasks but got statistics for "
+                f"{rate.numel()} tasks {list(stats.task_names)}; use one TaskStagnancy per "
+                "scheduler, and load only a state saved with the same tasks"
+            )
         first = defined & rates.isnan()
         later = defined & ~rates.isnan() & (rate > 0)
         rates = torch.where(first, rate.abs(), rates)
@@ -75,17 +81,27 @@ class TaskStagnancy(Metric):
         known = rates.isfinite()
         if not bool(known.any()):
             return ones
+        # R >= 0, so a mean of 0 means every R is 0, and the where gives 1 to every task.
         mean_rate = rates[known].mean()
-        if not mean_rate > 0:
-            return ones
         return torch.where(known & (rates > 0), (mean_rate / rates).clamp(max=1.0), ones)
 
     def state_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "rates": self._rates}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.alpha = float(state_dict["alpha"])
-        self._rates = state_dict["rates"]
+        rates = state_dict["rates"]
+        if rates is not None and (not isinstance(rates, Tensor) or rates.ndim != 1):
+            raise ValueError(
+                f"TaskStagnancy: rates in the state must be None or a 1-D tensor, got {rates!r}"
+            )
+        self.alpha = _checked_alpha(float(state_dict["alpha"]))
+        self._rates = rates
 
     def __repr__(self) -> str:
         return f"TaskStagnancy(alpha={self.alpha})"
+
+
+def _checked_alpha(alpha: float) -> float:
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"TaskStagnancy: alpha must be in (0, 1], got {alpha}")
+    return alpha
