@@ -1,11 +1,65 @@
-"""The timing loop both benchmarks share: warm-up, then interleaved timed repetitions."""
+"""What both benchmarks share: their settings from the command line, and the timing loop."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
+
+# The CelebA example's modules: its argparse types for both benchmarks, its pipeline for
+# throughput.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "celeba"))
+
+from arguments import non_negative_int, positive_int
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    _Settings = TypeVar("_Settings", bound=DataclassInstance)
+
+
+def add_settings_options(
+    parser: argparse.ArgumentParser, defaults: Mapping[str, DataclassInstance]
+) -> None:
+    """The options both benchmarks share, each with its default per device in the help."""
+
+    def shown(field: str) -> str:
+        return ", ".join(f"{device} {getattr(s, field)}" for device, s in defaults.items())
+
+    parser.add_argument(
+        "--image-size", type=positive_int, help=f"input resolution, pixels [{shown('image_size')}]"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, help=f"images per step [{shown('batch_size')}]"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, help=f"timed steps per repetition [{shown('steps')}]"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, help=f"timed repetitions [{shown('repeats')}]"
+    )
+    parser.add_argument(
+        "--warmup", type=non_negative_int, help=f"untimed steps first [{shown('warmup')}]"
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, help="torch intra-op threads [torch's default]"
+    )
+
+
+def with_overrides(defaults: _Settings, args: argparse.Namespace) -> _Settings:
+    """``defaults`` with each field that the command line gave replaced by its value."""
+    given = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(defaults)
+        if getattr(args, field.name) is not None
+    }
+    return dataclasses.replace(defaults, **given)
 
 
 def time_interleaved(

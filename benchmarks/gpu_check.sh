@@ -10,6 +10,7 @@
 # PYTHON picks the interpreter [python, else python3].
 set -u -o pipefail
 
+mkdir -p "${OUT:-.}"
 log="$(cd "${OUT:-.}" && pwd)/gpu_check.log"  # before the cd below: $OUT may be relative
 cd "$(dirname "$0")/.."
 python="${PYTHON:-$(command -v python || command -v python3)}"

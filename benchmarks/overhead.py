@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import torchvision
-from _timing import time_interleaved
+from _timing import add_settings_options, time_interleaved, with_overrides
 from torch import Tensor, nn
 
 from dstmtl import MaskedMultiTaskLoss, MultiHeadNet, TaskDropScheduler
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[_Result] = []
     details: list[_Result] = []
     for device in devices:
-        settings = _settings(device, args)
+        settings = with_overrides(_DEFAULTS["cuda" if device.type == "cuda" else "cpu"], args)
         print(_header(device, settings))
         heads_only = dataclasses.replace(
             settings, steps=_HEADS_ONLY_STEPS, warmup=_HEADS_ONLY_WARMUP
@@ -142,28 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tasks", default="8,40", help="comma-separated numbers of tasks [%(default)s]"
     )
-    parser.add_argument("--repeats", type=int, help="timed repetitions per variant [7]")
-    parser.add_argument("--steps", type=int, help="training steps per repetition [cpu 4, cuda 20]")
-    parser.add_argument(
-        "--warmup", type=int, help="untimed steps per variant before timing [cpu 1, cuda 10]"
-    )
-    parser.add_argument(
-        "--image-size", type=int, help="input resolution in pixels [cpu 64, cuda 128]"
-    )
-    parser.add_argument("--batch-size", type=int, help="images per step [cpu 32, cuda 256]")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads [torch's default]")
+    add_settings_options(parser, _DEFAULTS)
     return parser
-
-
-def _settings(device: torch.device, args: argparse.Namespace) -> _Settings:
-    defaults = _DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
-    return _Settings(
-        image_size=args.image_size or defaults.image_size,
-        batch_size=args.batch_size or defaults.batch_size,
-        steps=args.steps or defaults.steps,
-        repeats=args.repeats or defaults.repeats,
-        warmup=defaults.warmup if args.warmup is None else args.warmup,
-    )
 
 
 def _benchmark(

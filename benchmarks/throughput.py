@@ -29,18 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+# First: _timing puts the example's folder on sys.path for the imports below.
+from _timing import add_settings_options, synchronize, time_interleaved, with_overrides
+from arguments import non_negative_int, positive_int
+from celeba_files import DEFAULT_ATTRIBUTES, SPLIT_NAMES, load_splits, locate
+from demo_data import generate_demo_celeba
+from image_cache import DeviceBatches, build_cache, fits_on_device
+from study import Settings, Trainer, evaluate
 from torch import Tensor
 
-_EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "celeba"
-sys.path.insert(0, str(_EXAMPLE_DIR))
-
-from _timing import synchronize, time_interleaved  # noqa: E402
-from celeba_files import DEFAULT_ATTRIBUTES, SPLIT_NAMES, load_splits, locate  # noqa: E402
-from demo_data import generate_demo_celeba  # noqa: E402
-from image_cache import DeviceBatches, build_cache, fits_on_device  # noqa: E402
-from study import Settings, Trainer, evaluate  # noqa: E402
-
-from dstmtl import MultiHeadNet  # noqa: E402
+from dstmtl import MultiHeadNet
 
 # The official CelebA splits and the study's schedule (2 methods x 5 epochs, a validation
 # pass after every epoch and one test pass per method), for the study-time estimate.
@@ -82,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device = torch.device("cuda", torch.cuda.current_device())
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = _settings(device, args)
+    settings = with_overrides(_DEFAULTS["cuda" if device.type == "cuda" else "cpu"], args)
     with tempfile.TemporaryDirectory(prefix="dstmtl-throughput-") as scratch:
         root = Path(args.data) if args.data else Path(scratch) / "celeba"
         _benchmark(device, settings, root, Path(scratch) / "cache", args)
@@ -99,34 +98,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", help="cuda, cpu, ... [cuda when available]")
     parser.add_argument(
-        "--images", type=int, help="demo images to generate, all splits [cuda 20000, cpu 1000]"
+        "--images",
+        type=positive_int,
+        help="demo images to generate, all splits "
+        f"[cuda {_DEFAULTS['cuda'].images}, cpu {_DEFAULTS['cpu'].images}]",
     )
-    parser.add_argument("--image-size", type=int, help="training resolution [cuda 128, cpu 64]")
-    parser.add_argument("--batch-size", type=int, help="images per step [cuda 256, cpu 32]")
-    parser.add_argument("--steps", type=int, help="training steps per repetition [cuda 50, cpu 10]")
-    parser.add_argument("--repeats", type=int, help="timed repetitions [5]")
-    parser.add_argument("--warmup", type=int, help="untimed steps first [cuda 10, cpu 2]")
+    add_settings_options(parser, _DEFAULTS)
     parser.add_argument(
         "--data",
         help="folder for the generated images, kept and reused by later runs with the same "
         "--images [a temporary folder]",
     )
-    parser.add_argument("--workers", type=int, help="cache-building processes [all cores]")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads [torch's default]")
+    parser.add_argument(
+        "--workers",
+        type=non_negative_int,
+        help="cache-building processes, 0 for this one [all cores]",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     return parser
-
-
-def _settings(device: torch.device, args: argparse.Namespace) -> _Settings:
-    defaults = _DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
-    return _Settings(
-        images=args.images or defaults.images,
-        image_size=args.image_size or defaults.image_size,
-        batch_size=args.batch_size or defaults.batch_size,
-        steps=args.steps or defaults.steps,
-        repeats=args.repeats or defaults.repeats,
-        warmup=defaults.warmup if args.warmup is None else args.warmup,
-    )
 
 
 def _benchmark(

@@ -1,0 +1,69 @@
+"""The benchmark scripts run end to end on the CPU, at a size that says nothing about speed.
+
+They are run for real only on a GPU machine, where device time is short: these runs catch a
+broken script before it gets there. The ratios they print are checked against the rates
+printed above them, not against targets.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import overhead
+import throughput
+
+TINY = ["--device", "cpu", "--repeats", "1", "--steps", "1", "--warmup", "0", "--threads", "1"]
+
+
+def test_overhead_prints_its_ratios_last(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [*TINY, "--tasks", "2,3", "--image-size", "32", "--batch-size", "4"]
+    assert overhead.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    for num_tasks, line in zip((2, 3), lines[-2:], strict=True):
+        match = re.fullmatch(
+            rf"overhead cpu K={num_tasks}: ([\d.]+)x fused \[(PASS|MISS) <= 1\.03\], "
+            r"([\d.]+)x loop \[(PASS|MISS) <= 1\.00\]",
+            line,
+        )
+        assert match, line
+        fused, loop = float(match[1]), float(match[3])
+        assert fused > 0
+        assert loop > 0
+
+
+def test_throughput_prints_its_ratio_last(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [*TINY, "--images", "60", "--image-size", "32", "--batch-size", "8"]
+    assert throughput.main([*argv, "--workers", "1", "--data", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    pipeline, bound = (rate(f"training, {name}", out) for name in ("pipeline", "bound"))
+    match = re.fullmatch(
+        r"throughput cpu: pipeline/bound = ([\d.]+) \[(PASS|MISS) >= 0\.9\]",
+        out.strip().splitlines()[-1],
+    )
+    assert match, out
+    assert float(match[1]) == pytest.approx(pipeline / bound, rel=0.01)
+
+
+def rate(label: str, out: str) -> float:
+    match = re.search(rf"{label}: +([\d.]+) img/s", out)
+    assert match, f"no {label!r} in {out}"
+    return float(match[1])
+
+
+@pytest.mark.parametrize("script", [overhead, throughput])
+@pytest.mark.parametrize("option", ["--steps", "--repeats", "--batch-size"])
+def test_a_count_below_one_is_refused(
+    script: ModuleType, option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        script.main([option, "0"])
+    assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
