@@ -279,6 +279,10 @@ class DeviceBatches:
         shard = self._shard_indices(self._epoch)
         self._epoch += 1
         starts = range(0, len(self) * self._batch_size, self._batch_size)
+        # Each batch's rows in order: the host path reads the memory map front to back, and
+        # both paths give the same batches, flipped alike, whichever one memory allows.
+        for start in starts:
+            shard[start : start + self._batch_size].sort()
         if self._device_images is not None and self._device_labels is not None:
             # One copy of the epoch's indices; the batches are slices of it.
             # Pinned and non-blocking: a plain copy would wait for the GPU every epoch.
@@ -334,20 +338,17 @@ class DeviceBatches:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _gather(self, indices: npt.NDArray[np.int64]) -> tuple[torch.Tensor, torch.Tensor]:
-        # Sorted rows read the memory map front to back; the order inside a
-        # batch does not matter for training.
-        rows = np.sort(indices)
         pin = self._device.type == "cuda"
         images = torch.empty(
-            (len(rows), *self._images.shape[1:]), dtype=torch.uint8, pin_memory=pin
+            (len(indices), *self._images.shape[1:]), dtype=torch.uint8, pin_memory=pin
         )
         labels = torch.empty(
-            (len(rows), self._labels.shape[1]), dtype=torch.float32, pin_memory=pin
+            (len(indices), self._labels.shape[1]), dtype=torch.float32, pin_memory=pin
         )
         # mode="clip" lets numpy write straight into the pinned buffer; "raise"
         # would go through a temporary copy. The indices are in range anyway.
-        np.take(self._images, rows, axis=0, out=images.numpy(), mode="clip")
-        np.take(self._labels, rows, axis=0, out=labels.numpy(), mode="clip")
+        np.take(self._images, indices, axis=0, out=images.numpy(), mode="clip")
+        np.take(self._labels, indices, axis=0, out=labels.numpy(), mode="clip")
         return images, labels
 
 
@@ -357,7 +358,8 @@ def _to_device(images: UInt8Array, device: torch.device) -> torch.Tensor:
     # memory on its way to the device.
     step = 4096
     for start in range(0, images.shape[0], step):
-        block = np.ascontiguousarray(images[start : start + step])
+        # A copy: a slice of a read-only memory map would make torch warn.
+        block = np.array(images[start : start + step])
         result[start : start + step].copy_(torch.from_numpy(block))
     return result
 

@@ -63,6 +63,9 @@ _METHODS: dict[str, _Spec] = {
     ),
 }
 METHOD_NAMES = tuple(_METHODS)
+# Scalarizers that learn task weights from the losses they see: under torchrun each process
+# would learn its own (RLW's draws come from torch's RNG, seeded alike on every process).
+_LEARNS_WEIGHTS = ("UW", "DWA", "FAMO")
 
 
 def parse_methods(spec: str) -> tuple[str, ...]:
@@ -124,10 +127,11 @@ class Method:
         self.aggregator: Aggregator | None = _torchjd(
             "aggregation", spec.aggregator, name, len(tasks)
         )
-        if self.aggregator is not None and distributed:
+        if distributed and (self.aggregator is not None or spec.scalarizer in _LEARNS_WEIGHTS):
             raise CelebAError(
-                f"method {name!r} aggregates per-task gradients with TorchJD, which this example "
-                "runs on one process only; run it without torchrun"
+                f"method {name!r} keeps TorchJD state that each torchrun process would build "
+                "from its own shard alone (per-task gradients, or weights learned from the "
+                "losses), so this example runs it on one process only; run it without torchrun"
             )
         self._model = model
 
@@ -182,12 +186,36 @@ class Method:
         return {
             "scheduler": self.scheduler.state_dict(),
             "modules": [module.state_dict() for module in self.modules()],
+            "scalarizer_history": self._scalarizer_history(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         for module, module_state in zip(self.modules(), state["modules"], strict=True):
             module.load_state_dict(module_state)
+        self._load_scalarizer_history(state["scalarizer_history"])
+
+    # TorchJD 0.18 keeps DWA's epoch averages and FAMO's Adam outside ``state_dict()``, so a
+    # resumed run would restart them; these carry them through a checkpoint. Checkpoints are
+    # taken between epochs, where DWA has no partial sums and FAMO no pending losses.
+    def _scalarizer_history(self) -> dict[str, Any]:
+        scalarizer: Any = self.scalarizer
+        if self._scalarizer_name == "DWA":
+            return {"previous_averages": list(scalarizer._previous_averages)}
+        if self._scalarizer_name == "FAMO" and scalarizer._optimizer is not None:
+            return {"optimizer": scalarizer._optimizer.state_dict()}
+        return {}
+
+    def _load_scalarizer_history(self, history: dict[str, Any]) -> None:
+        scalarizer: Any = self.scalarizer
+        if "previous_averages" in history:
+            scalarizer._previous_averages = list(history["previous_averages"])
+        if "optimizer" in history:
+            optimizer = torch.optim.Adam(
+                [scalarizer._w], lr=scalarizer.lr, weight_decay=scalarizer.weight_decay
+            )
+            optimizer.load_state_dict(history["optimizer"])
+            scalarizer._optimizer = optimizer
 
 
 def _metric(name: str, model: MultiHeadNet, train_labels: npt.NDArray[np.float32]) -> Metric:

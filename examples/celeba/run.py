@@ -27,6 +27,7 @@ import numpy.typing as npt
 import reporting
 import torch
 import torch.distributed as dist
+from arguments import non_negative_int, positive_float, positive_int
 from celeba_files import (
     DEFAULT_ATTRIBUTES,
     CelebAError,
@@ -47,6 +48,9 @@ from dstmtl import MultiHeadNet
 
 _T = TypeVar("_T")
 _STUDY_FILE = "study.json"
+# Raised when the checkpoints change shape, so that --resume refuses an older study instead
+# of failing inside it. 2: the methods' TorchJD state (DWA, FAMO) is in the checkpoints.
+_STUDY_FORMAT = 2
 # The demo's defaults: small enough for about a minute on a 2-core CPU.
 _DEMO = {"epochs": 3, "batch_size": 32, "image_size": 64, "weights": "none", "demo_images": 1200}
 _FULL = {"epochs": 5, "batch_size": 256, "image_size": 128, "weights": "DEFAULT", "demo_images": 0}
@@ -91,6 +95,10 @@ def _study(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
         extra = dst_method(args.dst_metrics)
         methods += [extra] if extra not in methods else []
     config = {k: v for k, v in vars(args).items() if k not in _NOT_COMPARED}
+    config["study_format"] = _STUDY_FORMAT
+
+    if args.resume and args.out is None:
+        raise CelebAError("--resume needs --out, the folder of the study to continue")
 
     def prepare() -> Path:
         out = Path(args.out or f"runs/{'demo' if args.demo else 'celeba'}-{_now('%Y%m%d-%H%M%S')}")
@@ -160,8 +168,8 @@ def _parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_ATTRIBUTES),
         help="comma-separated attribute names, or 'all' for the 40",
     )
-    data.add_argument("--crop", type=int, default=178, help="centre crop (square, pixels)")
-    data.add_argument("--image-size", type=int, help="training resolution [128; demo 64]")
+    data.add_argument("--crop", type=positive_int, default=178, help="centre crop (square, pixels)")
+    data.add_argument("--image-size", type=positive_int, help="training resolution [128; demo 64]")
     data.add_argument(
         "--no-cache",
         dest="cache",
@@ -169,7 +177,12 @@ def _parser() -> argparse.ArgumentParser:
         help="decode JPEGs every epoch with a DataLoader instead of the uint8 cache",
     )
     data.add_argument("--cache-dir", help="where the uint8 cache lives [~/.cache/dstmtl]")
-    data.add_argument("--workers", type=int, default=None, help="decoding processes [all cores]")
+    data.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=None,
+        help="decoding processes, 0 to decode in this one [all cores]",
+    )
 
     training = parser.add_argument_group("training")
     training.add_argument(
@@ -178,9 +191,9 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated methods to compare (see docs/methods.md)",
     )
     training.add_argument("--dst-metrics", help="add a DST run with these terms, e.g. 'all'")
-    training.add_argument("--epochs", type=int, help="epochs per method [5; demo 3]")
-    training.add_argument("--batch-size", type=int, help="per process [256; demo 32]")
-    training.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    training.add_argument("--epochs", type=positive_int, help="epochs per method [5; demo 3]")
+    training.add_argument("--batch-size", type=positive_int, help="per process [256; demo 32]")
+    training.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     training.add_argument("--weights", help="torchvision weights, or 'none' [DEFAULT; demo none]")
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--device", help="cuda, cpu, ... [cuda when available]")
@@ -190,7 +203,9 @@ def _parser() -> argparse.ArgumentParser:
     output.add_argument("--out", help="the study's folder [runs/<dataset>-<time>]")
     output.add_argument("--resume", action="store_true", help="continue the study in --out")
     output.add_argument("--overwrite", action="store_true", help="replace the study in --out")
-    output.add_argument("--terms-epoch", type=int, help="epoch of the terms table [the last]")
+    output.add_argument(
+        "--terms-epoch", type=non_negative_int, help="epoch of the terms table [the last]"
+    )
     output.add_argument("--no-progress", dest="progress", action="store_false")
 
     demo = parser.add_argument_group("demo")
@@ -199,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="generate a small stand-in in the CelebA format and run on it",
     )
-    demo.add_argument("--demo-images", type=int, help="images in the stand-in [1200]")
+    demo.add_argument("--demo-images", type=positive_int, help="images in the stand-in [1200]")
     return parser
 
 
@@ -210,7 +225,9 @@ def _start_processes(device_name: str | None) -> tuple[int, int, torch.device]:
     cuda = torch.cuda.is_available() if device_name is None else device_name.startswith("cuda")
     if world_size > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # Rank 0 alone downloads CelebA or builds the cache while the others wait in a
+        # collective; NCCL's default 10-minute timeout would end the job meanwhile.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
         if cuda:
             torch.cuda.set_device(local_rank)
             return rank, world_size, torch.device("cuda", local_rank)
@@ -232,7 +249,10 @@ def _prepare_out(out: Path, config: dict[str, Any], *, resume: bool, overwrite: 
             details = ", ".join(
                 f"{k}: was {saved.get(k)!r}, now {config.get(k)!r}" for k in differing
             )
-            raise CelebAError(f"--resume needs the options of the interrupted study; {details}")
+            raise CelebAError(
+                f"--resume needs the options of the interrupted study; {details}. Rerun with "
+                "those options, or start the study again with --overwrite"
+            )
         return
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -276,8 +296,12 @@ class _JpegBatches:
             split.image_paths(image_dir), split.labels, crop=args.crop, image_size=args.image_size
         )
         self._args, self._device, self._train = args, device, train
+        # drop_last, as DeviceBatches shards: up to world_size - 1 images sit out an epoch,
+        # rather than padding the shards with repeated images.
         self._sampler: DistributedSampler[int] | None = (
-            DistributedSampler(self._dataset, world_size, rank, shuffle=True, seed=args.seed)
+            DistributedSampler(
+                self._dataset, world_size, rank, shuffle=True, seed=args.seed, drop_last=True
+            )
             if train and world_size > 1
             else None
         )
@@ -431,16 +455,21 @@ def _build_cache(paths: list[Path], directory: Path, args: argparse.Namespace, d
 def _on_first_rank(work: Callable[[], _T], rank: int, world_size: int) -> _T:
     """Run ``work`` on rank 0 only; every rank gets its result, or raises its error.
 
-    Sharing the error keeps the other ranks from waiting forever for a rank that stopped.
+    Sharing any error keeps the other ranks from waiting forever for a rank that stopped.
     """
     outcome: list[tuple[bool, Any]] = [(True, None)]
+    failure: Exception | None = None
     if rank == 0:
         try:
             outcome = [(True, work())]
-        except CelebAError as error:
-            outcome = [(False, str(error))]
+        except Exception as error:
+            failure = error
+            shared = error if isinstance(error, CelebAError) else f"rank 0 failed: {error!r}"
+            outcome = [(False, str(shared))]
     if world_size > 1:
         dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
     succeeded, value = outcome[0]
     if not succeeded:
         raise CelebAError(value)

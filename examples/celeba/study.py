@@ -141,8 +141,7 @@ def run_method(
 
     Returns the run's entry of ``results["runs"]``. Every epoch ends with an atomic
     checkpoint, so an interrupted run resumes from its last completed epoch and ends with
-    the same results as an uninterrupted one (bit for bit on the CPU), except for DWA and
-    FAMO, whose internal state TorchJD does not expose and which restart it.
+    the same results as an uninterrupted one (bit for bit on the CPU).
     """
     checkpoint_path = settings.checkpoint_dir / f"{method_name}.pt"
     state = _load_checkpoint(checkpoint_path, settings.device)

@@ -218,10 +218,9 @@ def test_preloaded_and_host_paths_agree() -> None:
     device = DeviceBatches(
         images, labels, batch_size=6, device="cpu", shuffle=True, seed=1, preload=True
     )
-    # The host path sorts each batch for locality; the batches' contents agree.
-    assert [sorted(batch) for batch in _epoch_rows(host)] == [
-        sorted(batch) for batch in _epoch_rows(device)
-    ]
+    # The same rows in the same order, so that the per-position flips hit the same images
+    # whichever path the free GPU memory picks.
+    assert _epoch_rows(host) == _epoch_rows(device)
 
 
 @settings(max_examples=40, deadline=None)

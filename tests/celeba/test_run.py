@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Any
 from urllib.error import URLError
 
+import celeba_files
 import pytest
 import run
 import study
 import torch
+import torch.distributed as dist
 import torchvision
+from torch.multiprocessing.spawn import spawn
 
 TINY = ["--epochs", "2", "--batch-size", "16", "--image-size", "32", "--no-progress"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -148,6 +151,31 @@ def fails(argv: list[str], capsys: pytest.CaptureFixture[str], *patterns: str) -
         assert pattern in message, (pattern, message)
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--epochs", "0", "must be at least 1, got 0"),
+        ("--batch-size", "-4", "must be at least 1, got -4"),
+        ("--image-size", "0", "must be at least 1, got 0"),
+        ("--lr", "-1", "must be a finite number above 0, got -1"),
+        ("--lr", "nan", "must be a finite number above 0, got nan"),
+        ("--terms-epoch", "-1", "must be 0 or more, got -1"),
+    ],
+)
+def test_bad_numbers_are_refused_before_any_work(
+    option: str, value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(tiny_demo(tmp_path / "o", option, value))
+    assert exit_info.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_needs_the_study_folder(capsys: pytest.CaptureFixture[str]) -> None:
+    fails(["--demo", "--resume", *TINY], capsys, "--resume needs --out")
+
+
 def test_missing_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fails(["--out", str(tmp_path / "o"), *TINY], capsys, "--root")
     fails(
@@ -187,7 +215,18 @@ def test_an_out_folder_with_another_study_is_refused(
     fails(tiny_demo(finished_study), capsys, "another study", "--resume", "--overwrite")
     fails(tiny_demo(tmp_path / "empty", "--resume"), capsys, "no study to resume")
     changed = tiny_demo(finished_study, "--resume", "--seed", "3")
-    fails(changed, capsys, "seed: was 0, now 3")
+    fails(changed, capsys, "seed: was 0, now 3", "--overwrite")
+
+
+def test_a_study_of_an_older_format_is_not_resumed(
+    finished_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    older = tmp_path / "older"
+    shutil.copytree(finished_study, older)
+    config = json.loads((older / "study.json").read_text())
+    del config["study_format"]  # as written before the format was recorded
+    (older / "study.json").write_text(json.dumps(config))
+    fails(tiny_demo(older, "--resume", "--epochs", "3"), capsys, "study_format: was None, now 2")
 
 
 def test_missing_weights_say_where_to_put_them(
@@ -330,3 +369,54 @@ def test_the_dataloader_fallback_runs_the_study(tmp_path: Path) -> None:
     accuracy = results["runs"]["equal"]["test"]["accuracy"]
     assert len(accuracy) == 8
     assert all(0.0 <= value <= 1.0 for value in accuracy.values())
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_ranks_share_the_training_set_without_repeating_an_image(
+    demo_root: Path, tmp_path: Path, cache: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 84 training images among 5 ranks: each takes 16 and four sit out the epoch, as with
+    # DistributedSampler(drop_last=True), rather than some ranks seeing an image twice.
+    args = run._parser().parse_args(
+        ["--batch-size", "6", "--image-size", "16", "--workers", "0", "--no-progress"]
+    )
+    args.cache = cache
+    # The ranks are simulated one after the other, without a process group.
+    monkeypatch.setattr(run, "_on_first_rank", lambda work, rank, world_size: work())
+    files = celeba_files.locate(demo_root)
+    splits = celeba_files.load_splits(files, celeba_files.DEFAULT_ATTRIBUTES)
+    assert len(splits["train"].labels) == 84
+    seen: list[bytes] = []
+    for rank in range(5):
+        batches = run._batch_source(
+            args, splits, files.image_dir, tmp_path, rank, 5, torch.device("cpu")
+        )("train", epoch=0)
+        images = torch.cat([images for images, _ in batches])
+        assert len(images) == 16
+        assert len(batches) == 3
+        seen += [image.numpy().tobytes() for image in images]
+    assert len(set(seen)) == 80
+
+
+def _fail_on_first_rank(rank: int, directory: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{directory}/store", rank=rank, world_size=2
+    )
+    try:
+
+        def full_disk() -> None:
+            raise OSError(28, "No space left on device")
+
+        run._on_first_rank(full_disk, rank, 2)
+    except Exception as error:
+        (Path(directory) / f"rank{rank}").write_text(f"{type(error).__name__}: {error}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_error_on_the_first_rank_reaches_the_others(tmp_path: Path) -> None:
+    spawn(_fail_on_first_rank, args=(str(tmp_path),), nprocs=2, join=True)
+    assert (tmp_path / "rank0").read_text() == "OSError: [Errno 28] No space left on device"
+    assert (tmp_path / "rank1").read_text() == (
+        "CelebAError: rank 0 failed: OSError(28, 'No space left on device')"
+    )

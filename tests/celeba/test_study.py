@@ -1,0 +1,102 @@
+"""One method of the study (``methods.Method``, ``study.run_method``) on a tiny model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import study
+import torch
+from celeba_files import CelebAError
+from methods import Method
+from torch import Tensor, nn
+
+from dstmtl import MultiHeadNet
+
+TASKS = ("a", "b", "c")
+
+
+def tiny_model() -> MultiHeadNet:
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return MultiHeadNet(backbone, {task: nn.Linear(4, 1) for task in TASKS})
+
+
+def random_split(seed: int, batches: int) -> list[tuple[Tensor, Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    split = []
+    for _ in range(batches):
+        images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, 2, (8, len(TASKS)), generator=generator).float()
+        labels[torch.rand(labels.shape, generator=generator) < 0.2] = float("nan")
+        split.append((images, labels))
+    return split
+
+
+SPLITS = {"train": random_split(0, 4), "valid": random_split(1, 1), "test": random_split(2, 1)}
+
+
+def batches(split: str, *, epoch: int) -> list[tuple[Tensor, Tensor]]:
+    return SPLITS[split]
+
+
+def run(method: str, checkpoint_dir: Path) -> dict[str, Any]:
+    settings = study.Settings(
+        epochs=3,
+        learning_rate=0.05,
+        seed=0,
+        device=torch.device("cpu"),
+        compile=False,
+        progress=False,
+        rank=0,
+        world_size=1,
+        checkpoint_dir=checkpoint_dir,
+    )
+    train_labels = torch.cat([labels for _, labels in SPLITS["train"]]).numpy()
+    result = study.run_method(method, tiny_model, batches, train_labels, settings)
+    # Everything but the clock.
+    epochs = [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in result["epochs"]]
+    return {**result, "epochs": epochs, "wall_seconds": None}
+
+
+# The methods whose state lives in TorchJD (test_run.py resumes equal and DST). DWA's
+# weights come from the two previous epochs' losses and FAMO steps its own Adam, so the
+# third epoch of a run resumed after the second tells whether that state was kept.
+@pytest.mark.parametrize("method", ["uw", "dwa", "famo"])
+def test_a_resumed_run_equals_an_uninterrupted_one(
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("torchjd")
+    uninterrupted = run(method, tmp_path / "uninterrupted")
+
+    original = study.save_checkpoint
+
+    def crash_after_the_second_epoch(
+        path: Path, state: dict[str, Any], settings: study.Settings
+    ) -> None:
+        original(path, state, settings)
+        if state.get("epoch") == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "save_checkpoint", crash_after_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(method, tmp_path / "resumed")
+    monkeypatch.setattr(study, "save_checkpoint", original)
+    resumed = run(method, tmp_path / "resumed")
+
+    assert resumed == uninterrupted
+
+
+@pytest.mark.parametrize("method", ["upgrad", "dst+upgrad", "uw", "dwa", "famo"])
+def test_methods_with_per_process_state_refuse_torchrun(method: str) -> None:
+    pytest.importorskip("torchjd")
+    with pytest.raises(CelebAError, match=f"method '{re.escape(method)}' keeps TorchJD state"):
+        Method(method, tiny_model(), np.ones((4, 3), np.float32), seed=0, distributed=True)
+
+
+@pytest.mark.parametrize("method", ["equal", "dst", "dst-all", "rlw"])
+def test_the_other_methods_run_under_torchrun(method: str) -> None:
+    pytest.importorskip("torchjd")
+    Method(method, tiny_model(), np.ones((4, 3), np.float32), seed=0, distributed=True)
