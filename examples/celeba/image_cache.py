@@ -13,14 +13,13 @@ silently training on fewer or blank images.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
-import os
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from functools import cache
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from atomic import replacing
 from celeba_files import CelebAError
+from parallel import run_chunks
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
-from tqdm import tqdm
 
 # Part of the cache key: bump it whenever the preprocessing changes, so caches
 # written by older code are rebuilt instead of silently reused.
@@ -158,39 +157,12 @@ def _fill(
     chunks = [
         (start, paths[start : start + _CHUNK_SIZE]) for start in range(0, len(paths), _CHUNK_SIZE)
     ]
-    if workers is None:
-        workers = (
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else os.cpu_count() or 1
-        )
-    workers = min(workers, len(chunks))
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not show_progress) as progress:
-        if workers <= 1:
-            for start, chunk in chunks:
-                progress.update(_decode_chunk(str(cache_file), start, chunk, crop, image_size))
-            return
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
-            futures = [
-                pool.submit(_decode_chunk, str(cache_file), start, chunk, crop, image_size)
-                for start, chunk in chunks
-            ]
-            try:
-                for future in as_completed(futures):
-                    progress.update(future.result())
-            except BaseException:
-                # On the first bad image (or Ctrl-C), stop instead of decoding the rest.
-                pool.shutdown(cancel_futures=True)
-                raise
+    decode = functools.partial(_decode_chunk, str(cache_file), crop, image_size)
+    run_chunks(decode, chunks, total=len(paths), workers=workers, desc=desc, progress=show_progress)
 
 
-def _init_worker() -> None:
-    # The pool already uses every core; intra-op threads would oversubscribe
-    # them, and a forked child must not reuse the parent's OpenMP pool.
-    torch.set_num_threads(1)
-
-
-def _decode_chunk(cache_file: str, start: int, paths: list[str], crop: int, image_size: int) -> int:
+def _decode_chunk(cache_file: str, crop: int, image_size: int, chunk: tuple[int, list[str]]) -> int:
+    start, paths = chunk
     array = np.load(cache_file, mmap_mode="r+")
     for offset, path in enumerate(paths):
         array[start + offset] = decode_image(Path(path), crop=crop, image_size=image_size).numpy()
@@ -436,7 +408,7 @@ def prepare_batch(
     return images.float().mul_(scale).sub_(shift)
 
 
-@cache
+@functools.cache
 def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1)

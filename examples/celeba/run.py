@@ -106,7 +106,11 @@ def _study(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
         root = out / "demo_data" if args.demo else Path(args.root)
         if args.demo and not (root / "list_eval_partition.txt").exists():
             generate_demo_celeba(
-                root, n_images=args.demo_images, seed=args.seed, progress=args.progress
+                root,
+                n_images=args.demo_images,
+                seed=args.seed,
+                progress=args.progress,
+                workers=args.workers,
             )
         if args.download:
             _download(root)
@@ -181,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=non_negative_int,
         default=None,
-        help="decoding processes, 0 to decode in this one [all cores]",
+        help="processes that decode the JPEGs (and draw the demo's), 0 for this one [all cores]",
     )
 
     training = parser.add_argument_group("training")
