@@ -25,10 +25,9 @@ def run_chunks(
     """Call ``work`` on every chunk, in ``workers`` processes (every usable core by default).
 
     ``work`` returns the number of images it handled, for the progress bar (of ``total``
-    images), and must be
-    picklable: a module-level function or a ``functools.partial`` of one. With one worker
-    (or 0, or a single chunk) everything runs in this process. The first error, or Ctrl-C,
-    cancels the chunks not started yet.
+    images), and must be picklable: a module-level function or a ``functools.partial`` of
+    one. With one worker (or 0, or a single chunk) everything runs in this process. The
+    first error, or Ctrl-C, cancels the chunks not started yet.
     """
     if workers is None:
         workers = (

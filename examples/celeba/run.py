@@ -48,8 +48,8 @@ from dstmtl import MultiHeadNet
 
 _T = TypeVar("_T")
 _STUDY_FILE = "study.json"
-# Raised when the checkpoints change shape, so that --resume refuses an older study instead
-# of failing inside it. 2: the methods' TorchJD state (DWA, FAMO) is in the checkpoints.
+# Bumped whenever the checkpoints change shape, so that --resume refuses an older study
+# instead of failing inside it. 2: the methods' TorchJD state (DWA, FAMO) is in the checkpoints.
 _STUDY_FORMAT = 2
 # The demo's defaults: small enough for about a minute on a 2-core CPU.
 _DEMO = {"epochs": 3, "batch_size": 32, "image_size": 64, "weights": "none", "demo_images": 1200}
