@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -90,6 +91,15 @@ def time_interleaved(
             synchronize(device)
             seconds[name].append((time.perf_counter() - started) / steps)
     return seconds
+
+
+def device_conditions(device: torch.device) -> str:
+    """What a reader needs to compare a run: the GPU's name, or the CPU's threads and load."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, bf16 autocast"
+    # The load average says how much else shared the cores while this ran.
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"torch threads: {torch.get_num_threads()}, float32, load average {load:.1f} at start"
 
 
 def synchronize(device: torch.device) -> None:

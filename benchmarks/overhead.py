@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import torchvision
-from _timing import add_settings_options, time_interleaved, with_overrides
+from _timing import add_settings_options, device_conditions, time_interleaved, with_overrides
 from torch import Tensor, nn
 
 from dstmtl import MaskedMultiTaskLoss, MultiHeadNet, TaskDropScheduler
@@ -277,16 +276,9 @@ def _loop_objective(targets: Tensor) -> Callable[[Tensor, nn.ModuleList], Tensor
 
 
 def _header(device: torch.device, settings: _Settings) -> str:
-    if device.type == "cuda":
-        where = f"{torch.cuda.get_device_name(device)}, bf16 autocast"
-    else:
-        # The load average says how much else shared the cores while this ran.
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        where = (
-            f"torch threads: {torch.get_num_threads()}, float32, load average {load:.1f} at start"
-        )
     return (
-        f"\n{device.type} ({where}), torch {torch.__version__}, ResNet18 channels_last, "
+        f"\n{device.type} ({device_conditions(device)}), torch {torch.__version__}, "
+        "ResNet18 channels_last, "
         f"{settings.image_size} px, batch {settings.batch_size}, Adam; median of "
         f"{settings.repeats} repetitions of {settings.steps} steps after {settings.warmup} "
         f"warm-up steps ({_HEADS_ONLY_STEPS} after {_HEADS_ONLY_WARMUP} for the heads and "

@@ -31,7 +31,13 @@ from pathlib import Path
 import torch
 
 # First: _timing puts the example's folder on sys.path for the imports below.
-from _timing import add_settings_options, synchronize, time_interleaved, with_overrides
+from _timing import (
+    add_settings_options,
+    device_conditions,
+    synchronize,
+    time_interleaved,
+    with_overrides,
+)
 from arguments import non_negative_int, positive_int
 from celeba_files import DEFAULT_ATTRIBUTES, SPLIT_NAMES, load_splits, locate
 from demo_data import generate_demo_celeba
@@ -302,16 +308,9 @@ def _study_seconds(train_rate: float, eval_rate: float) -> float:
 
 
 def _header(device: torch.device, settings: _Settings, compiled: bool) -> str:
-    if device.type == "cuda":
-        where = f"{torch.cuda.get_device_name(device)}, bf16 autocast"
-    else:
-        # The load average says how much else shared the cores while this ran.
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        where = (
-            f"torch threads: {torch.get_num_threads()}, float32, load average {load:.1f} at start"
-        )
     return (
-        f"{device.type} ({where}), torch {torch.__version__}, ResNet18 channels_last"
+        f"{device.type} ({device_conditions(device)}), torch {torch.__version__}, "
+        "ResNet18 channels_last"
         f"{', compiled' if compiled else ''}, {len(DEFAULT_ATTRIBUTES)} tasks, "
         f"{settings.image_size} px, batch {settings.batch_size}, {os.cpu_count()} CPU cores"
     )
