@@ -57,6 +57,28 @@ def test_multiclass_targets_inside_a_float_tensor() -> None:
     assert loss.label_counts.tolist() == [2.0, 1.0]
 
 
+def test_count_labels_knows_the_kinds_where_the_raw_tensor_cannot() -> None:
+    def absolute(output: Tensor, target: Tensor) -> Tensor:
+        return (output - target).abs().sum(dim=1)
+
+    loss = MaskedMultiTaskLoss({"bin": "binary", "cls": "multiclass", "reg": "regression"})
+    # -1 is a missing class in "cls" but a value in "reg"; NaN is missing everywhere.
+    labels = torch.tensor([[1.0, 3.0, -1.0], [0.0, -1.0, -1.0], [NAN, NAN, 2.0], [0.0, 0.0, NAN]])
+    assert loss.count_labels(labels) == {"bin": 3, "cls": 2, "reg": 3}
+    outputs = {"bin": torch.zeros(4), "cls": torch.zeros(4, 4), "reg": torch.zeros(4)}
+    loss(outputs, labels)
+    assert loss.label_counts.tolist() == [3.0, 2.0, 3.0]
+
+    by_name = MaskedMultiTaskLoss({"cls": "multiclass", "abs": absolute})
+    targets = {"cls": torch.tensor([-1, 2, 0]), "abs": torch.tensor([[0.0, NAN], [1.0, 2.0]] * 2)}
+    with pytest.raises(ValueError, match=r"'abs' must have the batch size 3 first, got shape"):
+        by_name.count_labels(targets)
+    targets["abs"] = targets["abs"][:3]
+    assert by_name.count_labels(targets) == {"cls": 2, "abs": 1}
+    with pytest.raises(ValueError, match=r"shape \[B, 3\] .* got \(4, 2\)"):
+        loss.count_labels(labels[:, :2])
+
+
 def test_a_task_without_labels_is_zero_with_a_gradient_path() -> None:
     loss = MaskedMultiTaskLoss({"a": "binary", "b": "regression", "c": "multiclass"})
     outputs = {

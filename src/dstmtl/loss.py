@@ -122,17 +122,43 @@ class MaskedMultiTaskLoss(nn.Module):
                 _check_multiclass_output(out, name, batch)
                 per_task[j], counts[j] = _masked_means(_cross_entropy, out, tgt)
             elif callable(spec):
-                target = columns[name]
-                if target.dim() == 0 or target.shape[0] != batch:
-                    raise ValueError(
-                        f"target of task {name!r} must have the batch size {batch} first, "
-                        f"got shape {tuple(target.shape)}"
-                    )
+                target = _per_sample_target(columns[name], name, batch)
                 per_task[j], counts[j] = _masked_means(
                     _per_sample_callable(spec, name), outputs[name], target
                 )
         self._label_counts = torch.stack([c for c in counts if c is not None])
         return torch.stack([loss for loss in per_task if loss is not None])
+
+    def count_labels(self, targets: Mapping[str, Tensor] | Tensor) -> dict[str, int]:
+        """Count the labelled samples of each task, with the same rule as :meth:`forward`.
+
+        Meant for a whole training set, e.g. ``LabelCount(loss_fn.count_labels(labels))``:
+        unlike :class:`~dstmtl.metrics.LabelCount` given the raw tensor, it knows the task
+        kinds, so ``-1`` in a floating multiclass column counts as missing while ``-1`` in a
+        regression column is a label. It reads the counts on the host, so it synchronises
+        with the device; call it once, not per step.
+
+        Args:
+            targets: Targets by task name, or one ``[N, K]`` tensor in task order.
+        """
+        columns = self._target_columns(targets)
+        first = columns[self.task_names[0]]
+        if first.dim() == 0:
+            raise ValueError(
+                f"target of task {self.task_names[0]!r} must have the sample count first, "
+                "got a scalar"
+            )
+        samples = first.shape[0]
+        counts: dict[str, int] = {}
+        for name, spec in self.tasks.items():
+            if spec == "multiclass":
+                target = _class_target(columns[name], name, samples)
+            elif callable(spec):
+                target = _per_sample_target(columns[name], name, samples)
+            else:
+                target = _float_target(columns[name], name, samples)
+            counts[name] = int(_labelled_samples(target).sum())
+        return counts
 
     def _target_columns(self, targets: Mapping[str, Tensor] | Tensor) -> dict[str, Tensor]:
         if isinstance(targets, Tensor):
@@ -163,18 +189,25 @@ def _masked_means(
     replaced by 0 before ``per_sample`` sees them, so neither the loss nor its gradient can
     become NaN, and masked out of the sums.
     """
-    labelled = ~targets.isnan() if targets.is_floating_point() else targets != _MISSING_CLASS
+    labelled = _labelled_entries(targets)
     safe_targets = torch.where(labelled, targets, torch.zeros_like(targets))
     losses = per_sample(outputs, safe_targets)
     if labelled.shape != losses.shape:
-        # A per-sample loss over multi-dimensional targets: a sample counts as labelled only
-        # when none of its target entries is missing.
-        labelled = labelled.reshape(labelled.shape[0], -1).all(dim=1)
+        labelled = _labelled_samples(targets)
     losses = torch.where(labelled, losses, torch.zeros_like(losses))
     # At least float32: bfloat16 and float16 cannot count or sum a large batch exactly.
     dtype = torch.promote_types(losses.dtype, torch.float32)
     counts = labelled.sum(dim=0).to(torch.float32)
     return losses.sum(dim=0, dtype=dtype) / counts.clamp(min=1), counts
+
+
+def _labelled_entries(targets: Tensor) -> Tensor:
+    return ~targets.isnan() if targets.is_floating_point() else targets != _MISSING_CLASS
+
+
+def _labelled_samples(targets: Tensor) -> Tensor:
+    """``[B]``: a sample whose target has any missing entry does not count as labelled."""
+    return _labelled_entries(targets).reshape(targets.shape[0], -1).all(dim=1)
 
 
 def _binary_losses(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -220,6 +253,15 @@ def _group_targets(
     if isinstance(targets, Tensor) and indices == list(range(indices[0], indices[-1] + 1)):
         return targets[:, indices[0] : indices[-1] + 1]
     return torch.stack(checked, dim=1)
+
+
+def _per_sample_target(target: Tensor, name: str, batch: int) -> Tensor:
+    if target.dim() == 0 or target.shape[0] != batch:
+        raise ValueError(
+            f"target of task {name!r} must have the batch size {batch} first, "
+            f"got shape {tuple(target.shape)}"
+        )
+    return target
 
 
 def _batch_size(output: Tensor, name: str) -> int:
