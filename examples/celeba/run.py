@@ -38,7 +38,7 @@ from celeba_files import (
 )
 from demo_data import generate_demo_celeba
 from image_cache import DeviceBatches, ImageFolderDataset, build_cache, fits_on_device
-from methods import DEFAULT_METHODS, dst_method, parse_methods
+from methods import DEFAULT_METHODS, DST_METRICS, dst_method, parse_methods
 from study import Settings, run_method
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
@@ -162,7 +162,6 @@ def _study(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Multi-task CelebA study: equal weights vs Dropped Scheduled Task (DST).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--root", help="folder with the CelebA files (official or Kaggle layout)")
@@ -170,9 +169,11 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--attributes",
         default=",".join(DEFAULT_ATTRIBUTES),
-        help="comma-separated attribute names, or 'all' for the 40",
+        help="comma-separated attribute names, or 'all' for the 40 [%(default)s]",
     )
-    data.add_argument("--crop", type=positive_int, default=178, help="centre crop (square, pixels)")
+    data.add_argument(
+        "--crop", type=positive_int, default=178, help="centre crop, pixels [%(default)s]"
+    )
     data.add_argument("--image-size", type=positive_int, help="training resolution [128; demo 64]")
     data.add_argument(
         "--no-cache",
@@ -180,7 +181,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="decode JPEGs every epoch with a DataLoader instead of the uint8 cache",
     )
-    data.add_argument("--cache-dir", help="where the uint8 cache lives [~/.cache/dstmtl]")
+    data.add_argument(
+        "--cache-dir",
+        help="where the uint8 cache lives [$XDG_CACHE_HOME/dstmtl or ~/.cache/dstmtl; "
+        "demo <out>/cache]",
+    )
     data.add_argument(
         "--workers",
         type=non_negative_int,
@@ -192,25 +197,43 @@ def _parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help="comma-separated methods to compare (see docs/methods.md)",
+        help="comma-separated methods to compare, see docs/methods.md [%(default)s]",
     )
-    training.add_argument("--dst-metrics", help="add a DST run with these terms, e.g. 'all'")
+    training.add_argument(
+        "--dst-metrics",
+        help="add a DST run with these terms: 'all' or some of " + ",".join(DST_METRICS),
+    )
     training.add_argument("--epochs", type=positive_int, help="epochs per method [5; demo 3]")
     training.add_argument("--batch-size", type=positive_int, help="per process [256; demo 32]")
-    training.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    training.add_argument(
+        "--lr", type=positive_float, default=1e-3, help="Adam learning rate [%(default)s]"
+    )
     training.add_argument("--weights", help="torchvision weights, or 'none' [DEFAULT; demo none]")
-    training.add_argument("--seed", type=int, default=0)
+    training.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the weights, data order, DST draws, demo [%(default)s]",
+    )
     training.add_argument("--device", help="cuda, cpu, ... [cuda when available]")
     training.add_argument("--compile", action="store_true", help="torch.compile the model")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--out", help="the study's folder [runs/<dataset>-<time>]")
+    output.add_argument(
+        "--out", help="the study's folder [runs/celeba-<time>; demo runs/demo-<time>]"
+    )
     output.add_argument("--resume", action="store_true", help="continue the study in --out")
-    output.add_argument("--overwrite", action="store_true", help="replace the study in --out")
+    output.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the study in --out (only a folder holding a study)",
+    )
     output.add_argument(
         "--terms-epoch", type=non_negative_int, help="epoch of the terms table [the last]"
     )
-    output.add_argument("--no-progress", dest="progress", action="store_false")
+    output.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars"
+    )
 
     demo = parser.add_argument_group("demo")
     demo.add_argument(
@@ -259,11 +282,17 @@ def _prepare_out(out: Path, config: dict[str, Any], *, resume: bool, overwrite: 
             )
         return
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            what = "another study" if study_file.exists() else "other files"
+        # --overwrite deletes the folder, so only a folder that is a study qualifies: a
+        # mistyped --out must not delete a dataset or a home folder.
+        if not study_file.exists():
             raise CelebAError(
-                f"{out} already holds {what}; pass --resume to continue it, --overwrite to "
-                "replace it, or choose another --out"
+                f"{out} already holds files that are not a study (no {_STUDY_FILE}); choose "
+                "another --out, or empty the folder yourself"
+            )
+        if not overwrite:
+            raise CelebAError(
+                f"{out} already holds another study; pass --resume to continue it, "
+                "--overwrite to replace it, or choose another --out"
             )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

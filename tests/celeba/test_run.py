@@ -218,6 +218,14 @@ def test_an_out_folder_with_another_study_is_refused(
     fails(changed, capsys, "seed: was 0, now 3", "--overwrite")
 
 
+def test_overwrite_deletes_only_a_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "list_attr_celeba.txt").write_text("precious")
+    fails(tiny_demo(data, "--overwrite"), capsys, "not a study", "another --out")
+    assert (data / "list_attr_celeba.txt").read_text() == "precious"
+
+
 def test_a_study_of_an_older_format_is_not_resumed(
     finished_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
