@@ -99,6 +99,13 @@ def test_bad_arguments() -> None:
         MultiHeadNet(torchvision.models.resnet18(), {"a": nn.Identity()}, branches={"a": "layer9"})
     with pytest.raises(ValueError, match="torchvision has no model 'resnet19'"):
         MultiHeadNet.from_torchvision("resnet19", ["a"])
+    with pytest.raises(ValueError, match=r"no weights 'IMAGENET'; use one of \['DEFAULT', 'IMAG"):
+        MultiHeadNet.from_torchvision("resnet18", ["a"], weights="IMAGENET")
+    other_model = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+    with pytest.raises(ValueError, match=r"no weights ResNet50_Weights\.IMAGENET1K_V2"):
+        MultiHeadNet.from_torchvision("resnet18", ["a"], weights=other_model)
+    with pytest.raises(ValueError, match=r"'squeezenet1_0' has no nn\.Linear classifier"):
+        MultiHeadNet.from_torchvision("squeezenet1_0", ["a"])
 
 
 def test_untraceable_backbone_asks_for_explicit_depths() -> None:

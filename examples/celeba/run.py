@@ -125,7 +125,7 @@ def _study(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
         weights = None if args.weights.lower() == "none" else args.weights
         try:
             return MultiHeadNet.from_torchvision("resnet18", attributes, weights=weights)
-        except (RuntimeError, ValueError, KeyError) as error:
+        except (RuntimeError, ValueError) as error:
             raise CelebAError(f"{error}. Pass --weights none to train from scratch.") from error
 
     build_model()  # fail on missing weights now, before the long data work

@@ -206,7 +206,9 @@ def run_method(
         test=test,
         wall_seconds=sum(entry["seconds"] for entry in history),
     )
-    save_checkpoint(checkpoint_path, {"result": dict(result)}, settings)
+    # The selected weights stay, for whoever wants the trained model; the optimizer and the
+    # rest of the training state go.
+    save_checkpoint(checkpoint_path, {"result": dict(result), "model": best["model"]}, settings)
     return result
 
 

@@ -29,14 +29,16 @@ class MaskedMultiTaskLoss(nn.Module):
     so a task with no labelled sample gives exactly 0, keeps a gradient path to its head
     (every parameter is used, as :class:`~torch.nn.parallel.DistributedDataParallel`
     requires) and is never NaN. A missing label is NaN for ``"binary"`` and
-    ``"regression"`` targets and ``-1`` for ``"multiclass"`` targets.
+    ``"regression"`` targets and ``-1`` (or NaN in a floating tensor) for ``"multiclass"``
+    targets.
 
     The kinds and their per-sample losses :math:`\ell_j`:
 
     * ``"binary"``: :func:`~torch.nn.functional.binary_cross_entropy_with_logits`; output
       ``[B]`` or ``[B, 1]`` logits, float target in ``{0, 1}`` (soft targets work too);
     * ``"multiclass"``: :func:`~torch.nn.functional.cross_entropy`; output ``[B, C]``
-      logits, integer target in ``[0, C)``;
+      logits, class index in ``[0, C)`` (integer, or a whole number in a floating ``[B, K]``
+      target that mixes kinds);
     * ``"regression"``: squared error; output ``[B]`` or ``[B, 1]``, float target;
     * a callable ``loss(output, target) -> [B]`` returning per-sample losses. Its missing
       labels follow the target's dtype (NaN if floating, -1 otherwise) and are replaced by

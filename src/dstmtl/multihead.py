@@ -202,9 +202,7 @@ def _load_torchvision_model(name: str, weights: Weights, kwargs: Mapping[str, An
 
     if name not in torchvision.models.list_models():
         raise ValueError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
-    resolved = (
-        None if weights is None else torchvision.models.get_model_weights(name).verify(weights)
-    )
+    resolved = None if weights is None else _resolve_weights(name, weights)
     try:
         model: nn.Module = torchvision.models.get_model(name, weights=resolved, **kwargs)
     except (URLError, OSError) as error:
@@ -216,6 +214,21 @@ def _load_torchvision_model(name: str, weights: Weights, kwargs: Mapping[str, An
             "the file there, or train from scratch with weights=None"
         ) from error
     return model
+
+
+def _resolve_weights(name: str, weights: Weights) -> Any:  # a torchvision WeightsEnum member
+    from torchvision.models import get_model_weights
+
+    available = get_model_weights(name)
+    try:
+        resolved = available.verify(weights)
+    except (KeyError, TypeError, ValueError) as error:
+        names = ["DEFAULT", *(member.name for member in available)]
+        raise ValueError(
+            f"torchvision model {name!r} has no weights {weights!r}; use one of {names} "
+            "or None for random initialisation"
+        ) from error
+    return resolved
 
 
 def _last_linear(model: nn.Module, name: str) -> tuple[str, nn.Linear]:

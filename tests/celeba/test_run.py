@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torchvision
 from torch.multiprocessing.spawn import spawn
 
+from dstmtl import MultiHeadNet
+
 TINY = ["--epochs", "2", "--batch-size", "16", "--image-size", "32", "--no-progress"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -82,9 +84,15 @@ def test_demo_study_writes_every_output(finished_study: Path) -> None:
 
 
 def test_checkpoints_load_with_weights_only(finished_study: Path) -> None:
+    tasks = json.loads((finished_study / "metrics.json").read_text())["study"]["attributes"]
     for method in ("equal", "dst"):
         state = torch.load(finished_study / "checkpoints" / f"{method}.pt", weights_only=True)
+        assert set(state) == {"result", "model"}
         assert state["result"]["method"] == method
+        model = MultiHeadNet.from_torchvision("resnet18", tasks)
+        untrained = model.heads["Male"].weight.detach().clone()
+        model.load_state_dict(state["model"])  # strict: the selected weights, all of them
+        assert not torch.equal(model.heads["Male"].weight, untrained)
     assert not list(finished_study.rglob("*.tmp"))
 
 

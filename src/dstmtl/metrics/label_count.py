@@ -19,9 +19,10 @@ class LabelCount(Metric):
     Args:
         counts: The counts :math:`N_j` as a mapping from task name or a sequence in task
             order; or the training labels as a tensor ``[N, K]`` in task order, where a
-            missing label is NaN (floating tensors) or ``-1`` (integer tensors). In a
-            floating tensor ``-1`` counts as a label, since it may be a regression value;
-            when it marks a missing class, pass ``loss_fn.count_labels(labels)`` instead
+            missing label is NaN or another non-finite value (floating tensors) or ``-1``
+            (integer tensors). In a floating tensor ``-1`` counts as a label, since it may be
+            a regression value; when it marks a missing class, pass
+            ``loss_fn.count_labels(labels)`` instead
             (:meth:`~dstmtl.MaskedMultiTaskLoss.count_labels` knows each task's kind).
 
     Example:
