@@ -9,7 +9,7 @@ with them the dropped tasks never reach the scalarizer or aggregator.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +91,25 @@ def dst_method(spec: str) -> str:
     return name
 
 
+def check_methods(names: Sequence[str], *, tasks: int, distributed: bool) -> None:
+    """Fail now, before any data work, on a method that this install or launch cannot run."""
+    for name in names:
+        spec = _spec(name)
+        assert spec is not None, f"unchecked method name {name!r}"
+        _torchjd("scalarization", spec.scalarizer, name, tasks)
+        _torchjd("aggregation", spec.aggregator, name, tasks)
+        _check_launch(spec, name, distributed)
+
+
+def _check_launch(spec: _Spec, name: str, distributed: bool) -> None:
+    if distributed and (spec.aggregator is not None or spec.scalarizer in _LEARNS_WEIGHTS):
+        raise CelebAError(
+            f"method {name!r} keeps TorchJD state that each torchrun process would build "
+            "from its own shard alone (per-task gradients, or weights learned from the "
+            "losses), so this example runs it on one process only; run it without torchrun"
+        )
+
+
 def _spec(name: str) -> _Spec | None:
     if name in _METHODS:
         return _METHODS[name]
@@ -127,12 +146,7 @@ class Method:
         self.aggregator: Aggregator | None = _torchjd(
             "aggregation", spec.aggregator, name, len(tasks)
         )
-        if distributed and (self.aggregator is not None or spec.scalarizer in _LEARNS_WEIGHTS):
-            raise CelebAError(
-                f"method {name!r} keeps TorchJD state that each torchrun process would build "
-                "from its own shard alone (per-task gradients, or weights learned from the "
-                "losses), so this example runs it on one process only; run it without torchrun"
-            )
+        _check_launch(spec, name, distributed)
         self._model = model
 
     def modules(self) -> list[nn.Module]:

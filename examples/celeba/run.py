@@ -24,27 +24,39 @@ from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-import reporting
 import torch
 import torch.distributed as dist
-from arguments import non_negative_int, positive_float, positive_int
-from celeba_files import (
-    DEFAULT_ATTRIBUTES,
-    CelebAError,
-    CelebASplit,
-    load_splits,
-    locate,
-    parse_attributes,
-)
-from demo_data import generate_demo_celeba
-from image_cache import DeviceBatches, ImageFolderDataset, build_cache, fits_on_device
-from methods import DEFAULT_METHODS, DST_METRICS, dst_method, parse_methods
-from study import Settings, run_method
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-import dstmtl
-from dstmtl import MultiHeadNet
+try:
+    import reporting
+    from arguments import non_negative_int, positive_float, positive_int
+    from celeba_files import (
+        DEFAULT_ATTRIBUTES,
+        CelebAError,
+        CelebASplit,
+        load_splits,
+        locate,
+        parse_attributes,
+    )
+    from demo_data import generate_demo_celeba
+    from image_cache import DeviceBatches, ImageFolderDataset, build_cache, fits_on_device
+    from methods import DEFAULT_METHODS, DST_METRICS, check_methods, dst_method, parse_methods
+    from study import Settings, run_method
+
+    import dstmtl
+    from dstmtl import MultiHeadNet
+except ModuleNotFoundError as error:
+    # The runtime install has neither the example's extras nor, without -e, this checkout's
+    # library: name the install step instead of showing an import traceback.
+    missing = (error.name or "").partition(".")[0]
+    if missing not in {"matplotlib", "tqdm", "PIL", "dstmtl"}:
+        raise
+    sys.exit(
+        f"error: the CelebA example needs {missing!r}, which is not installed. From the "
+        "repository root: pip install -e '.[examples]'"
+    )
 
 _T = TypeVar("_T")
 _STUDY_FILE = "study.json"
@@ -94,6 +106,7 @@ def _study(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
     if args.dst_metrics:
         extra = dst_method(args.dst_metrics)
         methods += [extra] if extra not in methods else []
+    check_methods(methods, tasks=len(attributes), distributed=world_size > 1)
     config = {k: v for k, v in vars(args).items() if k not in _NOT_COMPARED}
     config["study_format"] = _STUDY_FORMAT
 

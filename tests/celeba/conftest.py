@@ -19,6 +19,14 @@ if str(_EXAMPLE_DIR) not in sys.path:
 from demo_data import generate_demo_celeba  # noqa: E402  (needs the path set above)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs without --cache-dir default to $XDG_CACHE_HOME/dstmtl: keep them out of the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small demo dataset in the official layout, shared by the read-only tests."""

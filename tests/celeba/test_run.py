@@ -344,6 +344,7 @@ def test_a_missing_extra_names_it(
     monkeypatch.setattr(importlib, "import_module", without_torchjd)
     argv = ["--root", str(demo_root), "--out", str(tmp_path / "o"), "--weights", "none", *TINY]
     fails([*argv, "--methods", "equal,upgrad"], capsys, "dstmtl[baselines]", "upgrad")
+    assert not (tmp_path / "o").exists()  # refused before "equal" trained, not after
 
 
 def test_dst_runs_with_chosen_terms(
@@ -436,3 +437,21 @@ def test_an_error_on_the_first_rank_reaches_the_others(tmp_path: Path) -> None:
     assert (tmp_path / "rank1").read_text() == (
         "CelebAError: rank 0 failed: OSError(28, 'No space left on device')"
     )
+
+
+@pytest.mark.parametrize("module", ["matplotlib", "tqdm", "dstmtl"])
+def test_a_missing_install_step_is_named(module: str) -> None:
+    script = Path(run.__file__)
+    # None in sys.modules makes the import raise ModuleNotFoundError, as if not installed.
+    code = (
+        f"import runpy, sys; sys.modules[{module!r}] = None; "
+        f"sys.path.insert(0, {str(script.parent)!r}); sys.argv = ['run.py', '--help']; "
+        f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert f"needs {module!r}, which is not installed" in completed.stderr
+    assert "pip install -e '.[examples]'" in completed.stderr

@@ -11,7 +11,7 @@ import pytest
 import study
 import torch
 from celeba_files import CelebAError
-from methods import Method
+from methods import Method, check_methods
 from torch import Tensor, nn
 
 from dstmtl import MultiHeadNet
@@ -94,6 +94,9 @@ def test_methods_with_per_process_state_refuse_torchrun(method: str) -> None:
     pytest.importorskip("torchjd")
     with pytest.raises(CelebAError, match=f"method '{re.escape(method)}' keeps TorchJD state"):
         Method(method, tiny_model(), np.ones((4, 3), np.float32), seed=0, distributed=True)
+    with pytest.raises(CelebAError, match=f"method '{re.escape(method)}' keeps TorchJD state"):
+        check_methods(["equal", method], tasks=3, distributed=True)
+    check_methods(["equal", method], tasks=3, distributed=False)
 
 
 @pytest.mark.parametrize("method", ["equal", "dst", "dst-all", "rlw"])
