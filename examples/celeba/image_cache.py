@@ -363,6 +363,14 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     ) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} label rows")
+        # Decoding happens during training, so a missing file would otherwise stop a run
+        # hours in; a stat per file costs about a second for all of CelebA.
+        missing = [path for path in paths if not path.is_file()]
+        if missing:
+            raise CelebAError(
+                f"{len(missing)} of {len(paths)} images are missing, e.g. {missing[0]}; restore "
+                "them from the CelebA download (or regenerate the demo data)"
+            )
         self._paths = list(paths)
         self._labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
         self._crop = crop

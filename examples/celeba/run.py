@@ -374,11 +374,19 @@ class _JpegBatches:
             else os.cpu_count() or 1,
             pin_memory=self._device.type == "cuda",
         )
-        for images, labels in loader:
-            yield (
-                images.to(self._device, non_blocking=True),
-                labels.to(self._device, non_blocking=True),
-            )
+        try:
+            for images, labels in loader:
+                yield (
+                    images.to(self._device, non_blocking=True),
+                    labels.to(self._device, non_blocking=True),
+                )
+        except CelebAError as error:
+            # A worker's exception comes back with the worker's traceback as its message;
+            # its own message is what follows the last "CelebAError: ".
+            _, marker, original = str(error).rpartition(f"{CelebAError.__name__}: ")
+            if not marker:
+                raise
+            raise CelebAError(original.strip()) from error
 
 
 def _batch_source(

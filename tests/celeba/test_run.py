@@ -455,3 +455,27 @@ def test_a_missing_install_step_is_named(module: str) -> None:
     assert "Traceback" not in completed.stderr
     assert f"needs {module!r}, which is not installed" in completed.stderr
     assert "pip install -e '.[examples]'" in completed.stderr
+
+
+def test_the_dataloader_fallback_checks_and_reports_images(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "celeba"
+    shutil.copytree(demo_root, root)
+    files = celeba_files.locate(root)
+    test_images = celeba_files.load_splits(files, celeba_files.DEFAULT_ATTRIBUTES)["test"]
+    first, second = test_images.image_paths(files.image_dir)[:2]
+    argv = ["--root", str(root), "--weights", "none", "--no-cache", "--methods", "equal", *TINY]
+
+    first.unlink()
+    fails([*argv, "--out", str(tmp_path / "missing")], capsys, "1 of ", str(first))
+    assert not (tmp_path / "missing" / "checkpoints").exists()  # before any training
+
+    shutil.copy(second, first)
+    second.write_bytes(second.read_bytes()[:300])  # truncated: found only when decoded
+    out = tmp_path / "truncated"
+    assert run.main([*argv, "--out", str(out), "--workers", "1", "--epochs", "1"]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: Cannot decode image {second}")
+    assert "Traceback" not in message
+    assert "worker" not in message
