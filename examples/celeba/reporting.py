@@ -33,6 +33,7 @@ __all__ = [
     "Hardware",
     "Results",
     "RunResult",
+    "Session",
     "Study",
     "ValidationMetrics",
     "markdown_report",
@@ -55,7 +56,19 @@ class Hardware(TypedDict):
     gpus: int
 
 
+class Session(TypedDict):
+    """One start of the study: the first, or a ``--resume``."""
+
+    command: str
+    argv: list[str]
+    started: str
+    hardware: Hardware
+
+
 class Study(TypedDict):
+    """The study's settings; ``command``, ``argv``, ``started`` and ``hardware`` are those of
+    its first start, and ``resumed`` lists the later ones."""
+
     command: str
     argv: list[str]
     dstmtl_version: str
@@ -70,6 +83,8 @@ class Study(TypedDict):
     epochs: int
     started: str
     finished: str | None
+    resumed: list[Session]
+    network_depth: dict[str, int]
 
 
 class ValidationMetrics(TypedDict):
@@ -185,6 +200,7 @@ def markdown_report(results: Results, *, terms_epoch: int | None = None) -> str:
         ),
         _per_task_section(results, "F1", "f1", "mean_f1", []),
         _comparison_section(results),
+        _network_depth_section(results),
     ]
     for name, run in results["runs"].items():
         if _has_terms(run):
@@ -362,7 +378,33 @@ def _header_section(results: Results) -> str:
         study["command"],
         "```",
     ]
+    for session in study["resumed"]:
+        where = session["hardware"]
+        lines.extend(
+            [
+                "",
+                f"Resumed {session['started']} on {where['device']} ({where['device_name']}):",
+                "",
+                "```text",
+                session["command"],
+                "```",
+            ]
+        )
     return "\n".join(lines)
+
+
+def _network_depth_section(results: Results) -> str:
+    depths = results["study"]["network_depth"]
+    deepest = max(depths.values())
+    rows = [[task, str(depths[task]), _fmt(depths[task] / deepest)] for task in _tasks(results)]
+    table = _table(["task", "depth D_j", "network-depth term D_j / max D"], rows)
+    note = (
+        "Weight layers on the longest path from the input to each head's output "
+        "(`MultiHeadNet.depths()`)."
+    )
+    if len(set(depths.values())) == 1:
+        note += " Every head sits at the same depth, so the term is 1 for every task."
+    return f"## Network depth\n\n{table}\n\n{note}"
 
 
 def _per_task_section(

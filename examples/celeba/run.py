@@ -60,6 +60,7 @@ except ModuleNotFoundError as error:
 
 _T = TypeVar("_T")
 _STUDY_FILE = "study.json"
+_SESSIONS_FILE = "sessions.json"
 # Bumped whenever the checkpoints change shape, so that --resume refuses an older study
 # instead of failing inside it. 2: the methods' TorchJD state (DWA, FAMO) is in the checkpoints.
 _STUDY_FORMAT = 2
@@ -82,10 +83,11 @@ _NOT_COMPARED = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(arguments)
     rank, world_size, device = _start_processes(args.device)
     try:
-        return _study(args, rank, world_size, device)
+        return _study(args, arguments, rank, world_size, device)
     except CelebAError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -94,7 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def _study(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> int:
+def _study(
+    args: argparse.Namespace,
+    arguments: list[str],
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> int:
     defaults = _DEMO if args.demo else _FULL
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -113,9 +121,10 @@ def _study(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
     if args.resume and args.out is None:
         raise CelebAError("--resume needs --out, the folder of the study to continue")
 
-    def prepare() -> Path:
+    def prepare() -> tuple[Path, list[reporting.Session]]:
         out = Path(args.out or f"runs/{'demo' if args.demo else 'celeba'}-{_now('%Y%m%d-%H%M%S')}")
         _prepare_out(out, config, resume=args.resume, overwrite=args.overwrite)
+        sessions = _record_session(out, _session(arguments, device, world_size))
         root = out / "demo_data" if args.demo else Path(args.root)
         if args.demo and not (root / "list_eval_partition.txt").exists():
             generate_demo_celeba(
@@ -127,9 +136,9 @@ def _study(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
             )
         if args.download:
             _download(root)
-        return out
+        return out, sessions
 
-    out = _on_first_rank(prepare, rank, world_size)
+    out, sessions = _on_first_rank(prepare, rank, world_size)
     root = out / "demo_data" if args.demo else Path(args.root)
     files = locate(root)
     splits = load_splits(files, attributes)
@@ -141,7 +150,7 @@ def _study(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
         except (RuntimeError, ValueError) as error:
             raise CelebAError(f"{error}. Pass --weights none to train from scratch.") from error
 
-    build_model()  # fail on missing weights now, before the long data work
+    depths = build_model().depths()  # also fails on missing weights before the data work
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache" if args.demo else None
     batches = _batch_source(args, splits, files.image_dir, cache_dir, rank, world_size, device)
     settings = Settings(
@@ -156,15 +165,24 @@ def _study(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
         checkpoint_dir=out / "checkpoints",
     )
     results = reporting.Results(
-        study=_study_info(args, attributes, root, device, world_size),
+        study=_study_info(args, attributes, root, sessions, depths),
         majority_baseline=_majority(splits["train"].labels, splits["test"].labels, attributes),
         test_positive_rate=_positive_rate(splits["test"].labels, attributes),
         runs={},
     )
-    for method in methods:
-        results["runs"][method] = run_method(
-            method, build_model, batches, splits["train"].labels, settings
-        )
+    try:
+        for method in methods:
+            results["runs"][method] = run_method(
+                method, build_model, batches, splits["train"].labels, settings
+            )
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(
+                "\ninterrupted: every completed epoch is saved; to continue, run the same "
+                f"command with --resume --out {out}",
+                file=sys.stderr,
+            )
+        return 130  # the shell's status for a SIGINT
     results["study"]["finished"] = _now()
     if rank == 0:
         reporting.write_report(results, out, terms_epoch=args.terms_epoch)
@@ -457,31 +475,54 @@ def _study_info(
     args: argparse.Namespace,
     attributes: Sequence[str],
     root: Path,
-    device: torch.device,
-    world_size: int,
+    sessions: list[reporting.Session],
+    depths: dict[str, int],
 ) -> reporting.Study:
-    cuda = device.type == "cuda"
+    first = sessions[0]
     return reporting.Study(
-        command=shlex.join([Path(sys.executable).name, *sys.argv]),
-        argv=sys.argv[1:],
+        command=first["command"],
+        argv=first["argv"],
         dstmtl_version=dstmtl.__version__,
         torch_version=torch.__version__,
         seed=args.seed,
-        hardware=reporting.Hardware(
-            device=str(device),
-            device_name=torch.cuda.get_device_name(device) if cuda else _cpu_name(),
-            cpu=f"{platform.machine()}, {os.cpu_count()} cores",
-            gpus=world_size if cuda else 0,
-        ),
+        hardware=first["hardware"],
         dataset="demo" if args.demo else "celeba",
         root=str(root),
         attributes=list(attributes),
         image_size=args.image_size,
         batch_size=args.batch_size,
         epochs=args.epochs,
-        started=_now(),
+        started=first["started"],
         finished=None,
+        resumed=sessions[1:],
+        network_depth=depths,
     )
+
+
+def _session(arguments: list[str], device: torch.device, world_size: int) -> reporting.Session:
+    cuda = device.type == "cuda"
+    return reporting.Session(
+        command=shlex.join([Path(sys.executable).name, __file__, *arguments]),
+        argv=arguments,
+        started=_now(),
+        hardware=reporting.Hardware(
+            device=str(device),
+            device_name=torch.cuda.get_device_name(device) if cuda else _cpu_name(),
+            cpu=f"{platform.machine()}, {os.cpu_count()} cores",
+            gpus=world_size if cuda else 0,
+        ),
+    )
+
+
+def _record_session(out: Path, session: reporting.Session) -> list[reporting.Session]:
+    """Add this start to the study's sessions, so a resumed study keeps its first command."""
+    path = out / _SESSIONS_FILE
+    sessions: list[reporting.Session] = (
+        json.loads(path.read_text())["sessions"] if path.exists() else []
+    )
+    sessions.append(session)
+    reporting.write_json({"sessions": sessions}, path)
+    return sessions
 
 
 def _cpu_name() -> str:

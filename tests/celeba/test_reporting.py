@@ -112,6 +112,8 @@ def _results() -> Results:
             "epochs": 3,
             "started": "2024-01-01T00:00:00",
             "finished": "2024-01-01T00:05:00",
+            "resumed": [],
+            "network_depth": dict.fromkeys(TASKS, 18),
         },
         "majority_baseline": {"Male": 0.58, "Smiling": 0.52, "Young": 0.77},
         "test_positive_rate": {"Male": 0.42, "Smiling": 0.48, "Young": 0.77},
@@ -207,6 +209,33 @@ def test_markdown_has_header_and_every_table(results: Results) -> None:
     assert "Terms at epoch 2: uw" not in markdown
     for task in TASKS:
         assert _row(_section(markdown, "Test accuracy per task"), task)
+
+
+def test_network_depth_table(results: Results) -> None:
+    results["study"]["network_depth"] = {"Male": 18, "Smiling": 18, "Young": 12}
+    section = _section(reporting.markdown_report(results), "Network depth")
+    assert _row(section, "Male") == ["18", "1.0000"]
+    assert _row(section, "Young") == ["12", "0.6667"]
+    assert "same depth" not in section
+    results["study"]["network_depth"] = dict.fromkeys(TASKS, 18)
+    section = _section(reporting.markdown_report(results), "Network depth")
+    assert "the term is 1 for every task" in section
+
+
+def test_header_lists_each_resumed_session(results: Results) -> None:
+    hardware = {"device": "cuda:0", "device_name": "NVIDIA H100", "cpu": "x86_64", "gpus": 1}
+    results["study"]["resumed"] = [
+        {
+            "command": "python run.py --resume --out runs/x",
+            "argv": ["--resume", "--out", "runs/x"],
+            "started": "2024-01-02T10:00:00",
+            "hardware": hardware,  # type: ignore[typeddict-item]
+        }
+    ]
+    header = reporting.markdown_report(results).split("\n## ")[0]
+    assert results["study"]["command"] in header  # the first start's command stays
+    assert "Resumed 2024-01-02T10:00:00 on cuda:0 (NVIDIA H100):" in header
+    assert "python run.py --resume --out runs/x" in header
 
 
 def test_best_run_per_row_is_bold(results: Results) -> None:

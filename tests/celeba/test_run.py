@@ -90,14 +90,19 @@ def test_checkpoints_load_with_weights_only(finished_study: Path) -> None:
         assert set(state) == {"result", "model"}
         assert state["result"]["method"] == method
         model = MultiHeadNet.from_torchvision("resnet18", tasks)
-        untrained = model.heads["Male"].weight.detach().clone()
+        head = model.heads["Male"]
+        assert isinstance(head, torch.nn.Linear)
+        untrained = head.weight.detach().clone()
         model.load_state_dict(state["model"])  # strict: the selected weights, all of them
-        assert not torch.equal(model.heads["Male"].weight, untrained)
+        assert not torch.equal(head.weight, untrained)
     assert not list(finished_study.rglob("*.tmp"))
 
 
 def test_resumed_study_equals_an_uninterrupted_one(
-    finished_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    finished_study: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     saves = 0
     original = study.save_checkpoint
@@ -115,11 +120,12 @@ def test_resumed_study_equals_an_uninterrupted_one(
     monkeypatch.chdir(tmp_path)
     argv = ["--demo", "--demo-images", "120", *TINY, "--epochs", "3"]
     monkeypatch.setattr(study, "save_checkpoint", crash_in_dst_after_its_gates)
-    with pytest.raises(KeyboardInterrupt):
-        run.main(argv)
+    assert run.main(argv) == 130
     assert saves == 6
     monkeypatch.setattr(study, "save_checkpoint", original)
     (out,) = (tmp_path / "runs").iterdir()
+    resume_hint = f"run the same command with --resume --out {out.relative_to(tmp_path)}"
+    assert resume_hint in capsys.readouterr().err
     interrupted = torch.load(out / "checkpoints" / "dst.pt", weights_only=True)
     assert not all(interrupted["history"][-1]["gates"].values())  # a task was dropped
     assert run.main([*argv, "--resume", "--out", str(out)]) == 0
@@ -127,6 +133,12 @@ def test_resumed_study_equals_an_uninterrupted_one(
     resumed = json.loads((out / "metrics.json").read_text())
     uninterrupted = json.loads((finished_study / "metrics.json").read_text())
     assert without_timings(resumed["runs"]) == without_timings(uninterrupted["runs"])
+    # The record keeps the first start and lists the resume.
+    assert "--resume" not in resumed["study"]["argv"]
+    assert [session["argv"][-3:] for session in resumed["study"]["resumed"]] == [
+        ["--resume", "--out", str(out)]
+    ]
+    assert resumed["study"]["started"] <= resumed["study"]["resumed"][0]["started"]
 
 
 def test_all_five_terms_as_an_extra_run(tmp_path: Path) -> None:
