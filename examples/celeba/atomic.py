@@ -13,7 +13,8 @@ from pathlib import Path
 def replacing(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success, flush it to disk and rename it.
 
-    The rename is atomic on one file system, so readers see the old file or the new one.
+    The rename is atomic on one file system, so readers see the old file or the new one,
+    and the directory is flushed after it, so the new file survives a power cut.
     On an exception the temporary file is removed and ``path`` is left as it was. A process
     killed outright (SIGKILL, out of memory) cannot clean up, and an image cache temporary
     is gigabytes, so the next write of ``path`` removes the temporaries that processes of
@@ -27,6 +28,7 @@ def replacing(path: Path) -> Iterator[Path]:
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)
+        _sync_directory(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -34,6 +36,17 @@ def replacing(path: Path) -> Iterator[Path]:
 def write_bytes(path: Path, data: bytes) -> None:
     with replacing(path) as temporary:
         temporary.write_bytes(data)
+
+
+def _sync_directory(directory: Path) -> None:
+    # The rename lives in the directory: without this, a power cut can undo it.
+    if os.name != "posix":  # a directory cannot be opened for fsync on Windows
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _temporary_prefix(path: Path) -> str:
