@@ -222,3 +222,25 @@ def test_negative_class_indices_other_than_minus_one_are_rejected() -> None:
     loss = MaskedMultiTaskLoss({"c": "multiclass"})
     with pytest.raises((IndexError, RuntimeError), match="-100"):
         loss({"c": torch.zeros(2, 3)}, {"c": torch.tensor([-100, 1])})
+
+
+def test_a_list_of_tasks_names_the_expected_mapping() -> None:
+    for tasks in (["a", "b"], ["binary", "binary"]):
+        with pytest.raises(TypeError, match=r"tasks must be a mapping .*, got list; e\.g\. .*"):
+            MaskedMultiTaskLoss(tasks)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"dict\.fromkeys\(names, 'binary'\)"):
+        MaskedMultiTaskLoss(["a", "b"])  # type: ignore[arg-type]
+
+
+def test_outputs_and_targets_that_are_not_mappings_are_named() -> None:
+    loss = MaskedMultiTaskLoss({"a": "binary", "b": "binary"})
+    out, y = torch.zeros(4, 2), torch.zeros(4, 2)
+    with pytest.raises(
+        TypeError, match=r"outputs must be .*, got a tensor of shape \(4, 2\); .*out\[:, j\]"
+    ):
+        loss(out, y)
+    with pytest.raises(TypeError, match=r"outputs must be .*, got list; .*dict\(zip"):
+        loss([out[:, 0], out[:, 1]], y)
+    outputs = {"a": out[:, 0], "b": out[:, 1]}
+    with pytest.raises(TypeError, match=r"targets must be .* \[B, K\] tensor, got list; .*zip"):
+        loss(outputs, [y[:, 0], y[:, 1]])

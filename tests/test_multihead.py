@@ -116,3 +116,88 @@ def test_untraceable_backbone_asks_for_explicit_depths() -> None:
     net = MultiHeadNet(DataDependent(), {"a": nn.Linear(2, 1)})
     with pytest.raises(TypeError, match="pass the depths explicitly"):
         net.depths()
+
+
+def test_from_torchvision_refuses_a_bare_string_of_tasks() -> None:
+    with pytest.raises(TypeError, match="got the string 'male'"):
+        MultiHeadNet.from_torchvision("resnet18", "male")
+
+
+def test_from_torchvision_refuses_repeated_task_names() -> None:
+    with pytest.raises(ValueError, match=r"duplicate task names \['a'\]"):
+        MultiHeadNet.from_torchvision("resnet18", ["a", "a"])
+
+
+@pytest.mark.parametrize(
+    ("width", "error", "message"),
+    [
+        ("binary", TypeError, r"task 'a' has 'binary' outputs; .* as an int, e\.g\. \{'a': 1\}"),
+        (True, TypeError, r"task 'a' has True outputs; .* as an int"),
+        (2.0, TypeError, r"task 'a' has 2\.0 outputs; .* as an int"),
+        (0, ValueError, r"task 'a' has 0 outputs; .* positive number of outputs"),
+    ],
+)
+def test_from_torchvision_needs_a_positive_int_per_task(
+    width: object, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        MultiHeadNet.from_torchvision("resnet18", {"a": width})  # type: ignore[dict-item]
+
+
+def test_googlenet_heads_read_one_tensor_in_training_mode() -> None:
+    net = MultiHeadNet.from_torchvision("googlenet", ["a", "b"], init_weights=False)
+    assert net.training
+    outputs = net(torch.randn(2, 3, 64, 64))
+    assert {name: tuple(out.shape) for name, out in outputs.items()} == {"a": (2, 1), "b": (2, 1)}
+    assert net.backbone.aux1 is None
+
+
+def test_pretrained_inception_v3_heads_read_one_tensor_in_training_mode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The weights file holds the auxiliary classifier, so torchvision refuses
+    # aux_logits=False with weights; a reference model stands in for the download.
+    reference = torchvision.models.inception_v3(aux_logits=True, init_weights=False)
+
+    def cached(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = reference.state_dict()
+        return state
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", cached)
+    net = MultiHeadNet.from_torchvision("inception_v3", ["a"], weights="DEFAULT")
+    assert net.backbone.AuxLogits is None
+    assert net(torch.randn(2, 3, 75, 75))["a"].shape == (2, 1)
+    conv = net.backbone.get_submodule("Conv2d_1a_3x3.conv")
+    assert isinstance(conv, nn.Conv2d)
+    assert torch.equal(conv.weight, reference.Conv2d_1a_3x3.conv.weight)
+
+
+def test_a_backbone_returning_a_tuple_is_named() -> None:
+    class Pair(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x, x
+
+    net = MultiHeadNet(Pair(), {"a": nn.Linear(2, 1)})
+    with pytest.raises(TypeError, match=r"return a Tensor \(or, with branches, a dict by node\)"):
+        net(torch.randn(3, 2))
+    with pytest.raises(TypeError, match="; got tuple"):
+        net(torch.randn(3, 2))
+
+
+def test_heads_must_be_a_mapping() -> None:
+    with pytest.raises(TypeError, match=r"heads must be a mapping .*, got list; .*dict\(zip"):
+        MultiHeadNet(nn.Identity(), [nn.Linear(2, 1), nn.Linear(2, 1)])  # type: ignore[arg-type]
+
+
+def test_branches_over_an_untraceable_backbone_name_the_way_out() -> None:
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.inner(x)
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(TypeError, match=r"branches need a backbone that torch\.fx can trace"):
+        MultiHeadNet(DataDependent(), {"a": nn.Linear(2, 1)}, branches={"a": "inner"})

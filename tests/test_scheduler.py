@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -199,6 +200,19 @@ def test_load_state_dict_rejects_other_tasks_or_metrics() -> None:
         TaskDropScheduler(["a", "b"], [TaskIncompleteness()]).load_state_dict(state)
 
 
+def test_load_state_dict_names_a_dict_of_something_else() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Constant()])
+    checkpoint = {"model": {}, "optimizer": {}, "scheduler": scheduler.state_dict()}
+    with pytest.raises(ValueError, match=r"not a TaskDropScheduler state_dict: it has the keys \["):
+        scheduler.load_state_dict({})
+    with pytest.raises(ValueError, match=r"keys \['model', 'optimizer', 'scheduler'\], where"):
+        scheduler.load_state_dict(checkpoint)
+    model_state = {f"layer{j}.weight": torch.ones(1) for j in range(25)}
+    with pytest.raises(ValueError, match=r"'layer9\.weight'\] and 15 more, where the keys \['task"):
+        scheduler.load_state_dict(model_state)
+    scheduler.load_state_dict(checkpoint["scheduler"])
+
+
 def test_mean_losses_by_name_sequence_or_tensor() -> None:
     for means in ({"b": 2.0, "a": 1.0}, [1.0, 2.0], torch.tensor([1.0, 2.0])):
         scheduler = TaskDropScheduler(["a", "b"], [Constant()])
@@ -261,6 +275,17 @@ def test_bad_construction() -> None:
         TaskDropScheduler(["a"], [Constant()], redraw_every=0)
 
 
+def test_one_metric_outside_a_list_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"got Constant; pass a list, e\.g\. \[Constant\(\)\]"):
+        TaskDropScheduler(["a"], Constant())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("generator", ["cuda", 1.5, True])
+def test_a_generator_that_is_no_seed_is_refused(generator: object) -> None:
+    with pytest.raises(TypeError, match=r"int seed, a CPU torch\.Generator or None .*, got"):
+        TaskDropScheduler(["a"], [Constant()], generator=generator)  # type: ignore[arg-type]
+
+
 def test_bad_step_input() -> None:
     scheduler = TaskDropScheduler(["a", "b"], [Constant()])
     with pytest.raises(ValueError, match=r"shape \(2,\) for tasks \['a', 'b'\], got shape \(3,\)"):
@@ -273,6 +298,31 @@ def test_bad_step_input() -> None:
         scheduler({"a": torch.ones(()), "b": torch.ones(3)})
     with pytest.raises(TypeError, match=r"got list; .* torch.stack\(losses\)"):
         scheduler([torch.ones(()), torch.ones(())])  # type: ignore[arg-type]
+
+
+def test_step_input_of_the_wrong_type() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Constant()])
+    with pytest.raises(TypeError, match=r"label_counts must be a \[2\] tensor .*, got 5 \(int\)"):
+        scheduler(torch.ones(2), 5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"floating-point losses, got torch\.int64"):
+        scheduler(torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match=r"mean_losses must hold one value per task .*'a' \(str\)"):
+        scheduler.step("a")  # type: ignore[arg-type]
+
+
+def test_a_step_with_nothing_recorded_warns() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Constant()])
+    with pytest.warns(UserWarning, match=r"no call since the last step\(\) recorded"):
+        scheduler.step()  # before any loss
+    scheduler(torch.tensor([1.0, 2.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.step()
+    with pytest.warns(UserWarning, match="every task counts as not measured"):
+        scheduler.step()  # twice in a row
+    scheduler(torch.tensor([1.0, 2.0]), torch.tensor([0, 0]))
+    with pytest.warns(UserWarning, match="belongs at the end of each epoch"):
+        scheduler.step()  # calls that recorded no labelled loss
 
 
 class Nameless(Metric):

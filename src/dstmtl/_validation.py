@@ -31,6 +31,17 @@ def check_task_names(task_names: Iterable[str], *, owner: str) -> tuple[str, ...
     return names
 
 
+def check_mapping(value: object, *, what: str, expected: str, fix: str) -> None:
+    """Raise ``TypeError`` naming what ``value`` is when it is not a mapping."""
+    if not isinstance(value, Mapping):
+        found = (
+            f"a tensor of shape {tuple(value.shape)}"
+            if isinstance(value, Tensor)
+            else type(value).__name__
+        )
+        raise TypeError(f"{what} must be {expected}, got {found}; {fix}")
+
+
 def check_same_tasks(expected: Sequence[str], found: Collection[str], *, what: str) -> None:
     """Raise an error naming the missing and the unexpected tasks when ``found`` differs."""
     missing = [name for name in expected if name not in found]
@@ -48,6 +59,11 @@ def ordered_values(
     values: Mapping[str, _V] | Sequence[_V], task_names: Sequence[str], *, what: str
 ) -> list[_V]:
     """Return per-task ``values`` in the order of ``task_names``, from a mapping or a sequence."""
+    if isinstance(values, str) or not isinstance(values, Iterable):
+        raise TypeError(
+            f"{what} must hold one value per task (a mapping by task name, or a sequence or a "
+            f"1-D tensor in task order), got {values!r} ({type(values).__name__})"
+        )
     if isinstance(values, Mapping):
         check_same_tasks(task_names, values.keys(), what=f"{what} keys")
         return [values[name] for name in task_names]

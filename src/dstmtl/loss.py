@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dstmtl._validation import check_same_tasks, check_task_names
+from dstmtl._validation import check_mapping, check_same_tasks, check_task_names
 
 TaskKind = Literal["binary", "multiclass", "regression"]
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
@@ -68,6 +68,13 @@ class MaskedMultiTaskLoss(nn.Module):
 
     def __init__(self, tasks: Mapping[str, TaskSpec]) -> None:
         super().__init__()
+        check_mapping(
+            tasks,
+            what="MaskedMultiTaskLoss: tasks",
+            expected="a mapping from task name to kind or per-sample loss",
+            fix="e.g. MaskedMultiTaskLoss(dict.fromkeys(names, 'binary')) or "
+            "MaskedMultiTaskLoss({'smiling': 'binary', 'age': 'regression'})",
+        )
         self.task_names = check_task_names(tasks.keys(), owner="MaskedMultiTaskLoss")
         for name, spec in tasks.items():
             if not callable(spec) and spec not in _KINDS:
@@ -101,6 +108,14 @@ class MaskedMultiTaskLoss(nn.Module):
             outputs: Model outputs by task name (e.g. from :class:`~dstmtl.MultiHeadNet`).
             targets: Targets by task name, or one ``[B, K]`` tensor in task order.
         """
+        check_mapping(
+            outputs,
+            what="MaskedMultiTaskLoss: model outputs",
+            expected="a mapping from task name to output",
+            fix="for a model returning one [B, K] tensor `out`, pass "
+            "{name: out[:, j] for j, name in enumerate(loss_fn.task_names)}; for a list in "
+            "task order, dict(zip(loss_fn.task_names, outputs))",
+        )
         check_same_tasks(self.task_names, outputs.keys(), what="model outputs")
         columns = self._target_columns(targets)
         batch = _batch_size(outputs[self.task_names[0]], self.task_names[0])
@@ -170,6 +185,12 @@ class MaskedMultiTaskLoss(nn.Module):
                     f"(one column per task {list(self.task_names)}), got {tuple(targets.shape)}"
                 )
             return {name: targets[:, j] for j, name in enumerate(self.task_names)}
+        check_mapping(
+            targets,
+            what="MaskedMultiTaskLoss: targets",
+            expected="a mapping from task name to target or one [B, K] tensor",
+            fix="for a list in task order, pass dict(zip(loss_fn.task_names, targets))",
+        )
         check_same_tasks(self.task_names, targets.keys(), what="targets")
         return dict(targets)
 

@@ -2,15 +2,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from numbers import Integral
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dstmtl._depth import weight_layer_depths
-from dstmtl._validation import check_task_names
+from dstmtl._validation import check_mapping, check_task_names
 
 Weights = str | Any | None  # a torchvision WeightsEnum member, its name, or None
+
+# These models also return auxiliary logits (a namedtuple) in training mode, which no head
+# can read; the attributes are the auxiliary classifiers that torchvision's builders set to
+# None when they turn them off.
+_AUX_CLASSIFIERS = {
+    "googlenet": ("aux1", "aux2"),
+    "quantized_googlenet": ("aux1", "aux2"),
+    "inception_v3": ("AuxLogits",),
+    "quantized_inception_v3": ("AuxLogits",),
+}
 
 
 class MultiHeadNet(nn.Module):
@@ -50,6 +61,12 @@ class MultiHeadNet(nn.Module):
         branches: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
+        check_mapping(
+            heads,
+            what="MultiHeadNet: heads",
+            expected="a mapping from task name to head module",
+            fix="e.g. MultiHeadNet(backbone, dict(zip(names, heads)))",
+        )
         names = check_task_names(heads.keys(), owner="MultiHeadNet")
         for name in names:
             if "." in name or not name:
@@ -89,7 +106,13 @@ class MultiHeadNet(nn.Module):
         """Each head on the features it reads; the second half of :meth:`forward`."""
         if isinstance(features, Tensor):
             return {name: head(features) for name, head in self.heads.items()}
-        assert self._output_node is not None
+        if not isinstance(features, dict) or self._output_node is None:
+            raise TypeError(
+                "MultiHeadNet needs the backbone to return a Tensor (or, with branches, a dict "
+                f"by node); got {type(features).__name__}. Wrap the backbone in a module that "
+                "returns the features the heads read (for torchvision's googlenet and "
+                "inception_v3, build it with aux_logits=False)"
+            )
         return {
             name: head(features[self.branches.get(name, self._output_node)])
             for name, head in self.heads.items()
@@ -134,7 +157,9 @@ class MultiHeadNet(nn.Module):
         Args:
             name: A name accepted by :func:`torchvision.models.get_model`, e.g. ``"resnet18"``.
             tasks: Task name to number of outputs (1 for binary and regression tasks, C for a
-                C-class task); a sequence of names means one output each.
+                C-class task); a sequence of names means one output each. The auxiliary
+                classifiers of ``googlenet`` and ``inception_v3`` are turned off unless
+                ``aux_logits`` is given.
             weights: Passed to torchvision: a weights enum member, its name (``"DEFAULT"``,
                 ``"IMAGENET1K_V1"``) or ``None`` for random initialisation.
             branches: As in :class:`MultiHeadNet`.
@@ -146,8 +171,12 @@ class MultiHeadNet(nn.Module):
             >>> net.depths()
             {'male': 18, 'smiling': 18}
         """
-        outputs = dict(tasks) if isinstance(tasks, Mapping) else dict.fromkeys(tasks, 1)
-        check_task_names(outputs.keys(), owner="MultiHeadNet.from_torchvision")
+        owner = "MultiHeadNet.from_torchvision"
+        if isinstance(tasks, Mapping):
+            check_task_names(tasks.keys(), owner=owner)
+            outputs = {task: _check_output_count(task, width) for task, width in tasks.items()}
+        else:
+            outputs = dict.fromkeys(check_task_names(tasks, owner=owner), 1)
         backbone = _load_torchvision_model(name, weights, model_kwargs)
         classifier_path, classifier = _last_linear(backbone, name)
         backbone.set_submodule(classifier_path, nn.Identity())
@@ -178,7 +207,10 @@ def _feature_extractor(backbone: nn.Module, nodes: set[str]) -> tuple[nn.Module,
         get_graph_node_names,
     )
 
-    train_nodes, _ = get_graph_node_names(backbone)
+    try:
+        train_nodes, _ = get_graph_node_names(backbone)
+    except Exception as error:
+        raise _untraceable(backbone, error) from error
     output_node = train_nodes[-1]
     # A module's name ("layer3") stands for its last node, as create_feature_extractor allows.
     unknown = sorted(
@@ -192,7 +224,37 @@ def _feature_extractor(backbone: nn.Module, nodes: set[str]) -> tuple[nn.Module,
             "list its nodes with torchvision.models.feature_extraction.get_graph_node_names"
         )
     return_nodes = {node: node for node in sorted(nodes | {output_node})}
-    return create_feature_extractor(backbone, return_nodes=return_nodes), output_node
+    try:
+        extractor = create_feature_extractor(backbone, return_nodes=return_nodes)
+    except Exception as error:
+        raise _untraceable(backbone, error) from error
+    return extractor, output_node
+
+
+def _untraceable(backbone: nn.Module, error: Exception) -> TypeError:
+    return TypeError(
+        f"MultiHeadNet: branches need a backbone that torch.fx can trace, and "
+        f"{type(backbone).__name__} cannot be traced ({type(error).__name__}: {error}); pass "
+        "no branches (every head then reads the backbone's output), make the backbone "
+        "traceable (no Python control flow on tensor values), or write a backbone that "
+        "returns the features every head needs"
+    )
+
+
+def _check_output_count(task: str, width: object) -> int:
+    if isinstance(width, bool) or not isinstance(width, Integral):
+        raise TypeError(
+            f"MultiHeadNet.from_torchvision: task {task!r} has {width!r} outputs; give each "
+            f"task its number of outputs as an int, e.g. {{{task!r}: 1}} (1 for a binary or "
+            "regression task, C for a C-class task)"
+        )
+    if width < 1:
+        raise ValueError(
+            f"MultiHeadNet.from_torchvision: task {task!r} has {width} outputs; give each task "
+            f"a positive number of outputs, e.g. {{{task!r}: 1}} (1 for a binary or "
+            "regression task, C for a C-class task)"
+        )
+    return int(width)
 
 
 def _load_torchvision_model(name: str, weights: Weights, kwargs: Mapping[str, Any]) -> nn.Module:
@@ -203,6 +265,9 @@ def _load_torchvision_model(name: str, weights: Weights, kwargs: Mapping[str, An
     if name not in torchvision.models.list_models():
         raise ValueError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
     resolved = None if weights is None else _resolve_weights(name, weights)
+    auxiliary = () if "aux_logits" in kwargs else _AUX_CLASSIFIERS.get(name, ())
+    if auxiliary and resolved is None:
+        kwargs = {**kwargs, "aux_logits": False}
     try:
         model: nn.Module = torchvision.models.get_model(name, weights=resolved, **kwargs)
     except (URLError, OSError) as error:
@@ -213,6 +278,11 @@ def _load_torchvision_model(name: str, weights: Weights, kwargs: Mapping[str, An
             f"the file at {path} and downloads it from {resolved.url} when it is missing; put "
             "the file there, or train from scratch with weights=None"
         ) from error
+    if auxiliary and resolved is not None:
+        # torchvision refuses aux_logits=False with weights, whose file holds the auxiliary
+        # classifiers, so they are turned off after loading, as its googlenet builder does.
+        for attribute, value in {"aux_logits": False, **dict.fromkeys(auxiliary)}.items():
+            setattr(model, attribute, value)
     return model
 
 

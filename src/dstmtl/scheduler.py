@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -12,6 +13,8 @@ from dstmtl._validation import check_same_tasks, check_task_names, per_task_tens
 from dstmtl.metrics import EpochStatistics, Metric
 
 _LOSS_SUM, _LABELLED_STEPS, _LABEL_COUNT = 0, 1, 2
+# Keys of a wrong state_dict listed in the error; a model's state_dict has hundreds.
+_SHOWN_KEYS = 10
 
 
 class TaskDropScheduler:
@@ -205,6 +208,10 @@ class TaskDropScheduler:
                 :mod:`torch.distributed`. NaN marks a task that was not measured. Given
                 means are used as they are: they are not summed over ranks, and the epoch's
                 label counts are 0.
+
+        Without ``mean_losses``, warns (``UserWarning``) when no call since the last
+        :meth:`step` recorded a finite, labelled loss, since every task then counts as not
+        measured: usually a sign that :meth:`step` is called more than once per epoch.
         """
         if mean_losses is None:
             means, counts = self._collect_epoch()
@@ -336,6 +343,15 @@ class TaskDropScheduler:
         Like the schedulers in :mod:`torch.optim.lr_scheduler`, the settings (metric weights,
         loss scaling, minimum of active tasks, redraw period) come from the state too.
         """
+        expected = list(self.state_dict())
+        if any(key not in state_dict for key in expected):
+            found = list(state_dict)
+            more = f" and {len(found) - _SHOWN_KEYS} more" if len(found) > _SHOWN_KEYS else ""
+            raise ValueError(
+                f"this is not a TaskDropScheduler state_dict: it has the keys "
+                f"{found[:_SHOWN_KEYS]}{more}, where the keys {expected} were expected; pass "
+                "what TaskDropScheduler.state_dict() returned, e.g. checkpoint['scheduler']"
+            )
         if list(state_dict["task_names"]) != list(self._task_names):
             raise ValueError(
                 f"state_dict is for tasks {list(state_dict['task_names'])}, "
@@ -404,10 +420,20 @@ class TaskDropScheduler:
                 f"from task name to loss, got {type(losses).__name__}; for a list of scalar "
                 "losses, pass torch.stack(losses)"
             )
+        if not losses.is_floating_point():
+            raise TypeError(
+                f"TaskDropScheduler expects floating-point losses, got {losses.dtype}; compute "
+                "the losses in a floating dtype, e.g. losses.float()"
+            )
         if losses.shape != (num_tasks,):
             raise ValueError(
                 f"TaskDropScheduler expects one loss per task, shape ({num_tasks},) for tasks "
                 f"{list(self._task_names)}, got shape {tuple(losses.shape)}"
+            )
+        if label_counts is not None and not isinstance(label_counts, Tensor):
+            raise TypeError(
+                f"label_counts must be a [{num_tasks}] tensor of labelled samples per task, "
+                f"e.g. loss_fn.label_counts, got {label_counts!r} ({type(label_counts).__name__})"
             )
         if label_counts is not None and label_counts.shape != (num_tasks,):
             raise ValueError(
@@ -437,6 +463,15 @@ class TaskDropScheduler:
         totals = all_reduce_sum(local.clone()).to("cpu", torch.float64)
         self._reset_accumulator()
         steps = totals[_LABELLED_STEPS]
+        if not bool(steps.any()):
+            warnings.warn(
+                "TaskDropScheduler.step(): no call since the last step() recorded a finite, "
+                "labelled loss, so every task counts as not measured in this epoch. step() "
+                "belongs at the end of each epoch, after calling the scheduler on each "
+                "step's losses (or pass the epoch's means as step(mean_losses))",
+                UserWarning,
+                stacklevel=3,
+            )
         means = torch.where(steps > 0, totals[_LOSS_SUM] / steps.clamp(min=1), float("nan"))
         return means, totals[_LABEL_COUNT]
 
@@ -481,6 +516,12 @@ class TaskDropScheduler:
 
 
 def _check_metrics(metrics: Sequence[Metric]) -> tuple[Metric, ...]:
+    if isinstance(metrics, Metric) or not isinstance(metrics, Iterable):
+        example = repr(metrics) if isinstance(metrics, Metric) else "Constant()"
+        raise TypeError(
+            f"TaskDropScheduler: metrics must be a list of Metric instances, got "
+            f"{type(metrics).__name__}; pass a list, e.g. [{example}]"
+        )
     metrics = tuple(metrics)
     if not metrics:
         raise ValueError(
@@ -534,6 +575,12 @@ def _make_generator(generator: torch.Generator | int | None) -> torch.Generator:
                 f"{generator.device}"
             )
         return generator
+    if generator is not None and (isinstance(generator, bool) or not isinstance(generator, int)):
+        raise TypeError(
+            "TaskDropScheduler: generator must be an int seed, a CPU torch.Generator or None "
+            f"(a seed from torch's global generator), got {generator!r} "
+            f"({type(generator).__name__})"
+        )
     seed = generator if generator is not None else int(torch.randint(2**62, ()).item())
     return torch.Generator().manual_seed(seed)
 
