@@ -79,6 +79,29 @@ def test_count_labels_knows_the_kinds_where_the_raw_tensor_cannot() -> None:
         loss.count_labels(labels[:, :2])
 
 
+def test_count_labels_refuses_values_the_loss_cannot_use() -> None:
+    loss = MaskedMultiTaskLoss({"bin": "binary", "cls": "multiclass", "reg": "regression"})
+    good = torch.tensor([[1.0, 2.0, -3.5], [0.0, -1.0, 7.0], [NAN, NAN, NAN], [0.25, 0.0, 0.0]])
+    assert loss.count_labels(good) == {"bin": 3, "cls": 2, "reg": 3}
+    bad_values = [
+        (0, -1.0, r"binary target of task 'bin' holds \[-1.0\] outside \[0, 1\]; .*\+ 1\) / 2"),
+        (0, 2.0, r"'bin' holds \[2.0\] outside"),
+        (1, 1.5, r"multiclass target of task 'cls' holds \[1.5\], which are not class indices"),
+        (1, -2.0, r"'cls' holds \[-2.0\]"),
+        (1, math.inf, r"'cls' holds \[inf\]"),
+        (2, -math.inf, r"task 'reg' holds an infinite value"),
+    ]
+    for column, value, message in bad_values:
+        labels = good.clone()
+        labels[1, column] = value
+        with pytest.raises(ValueError, match=message):
+            loss.count_labels(labels)
+    integer = MaskedMultiTaskLoss({"cls": "multiclass"})
+    assert integer.count_labels({"cls": torch.tensor([-1, 0, 3])}) == {"cls": 2}
+    with pytest.raises(ValueError, match=r"'cls' holds \[-100\]"):
+        integer.count_labels({"cls": torch.tensor([-100, 0, 3])})
+
+
 def test_a_task_without_labels_is_zero_with_a_gradient_path() -> None:
     loss = MaskedMultiTaskLoss({"a": "binary", "b": "regression", "c": "multiclass"})
     outputs = {

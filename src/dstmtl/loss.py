@@ -155,6 +155,11 @@ class MaskedMultiTaskLoss(nn.Module):
         regression column is a label. It reads the counts on the host, so it synchronises
         with the device; call it once, not per step.
 
+        Since it reads every label, it also checks the values that :meth:`forward` does not
+        check (that would synchronise every step): a binary target outside ``[0, 1]`` (such
+        as CelebA's ``-1`` for "no"), a class index that is not a whole number or is
+        negative other than ``-1``, and an infinite target raise ``ValueError``.
+
         Args:
             targets: Targets by task name, or one ``[N, K]`` tensor in task order.
         """
@@ -170,10 +175,12 @@ class MaskedMultiTaskLoss(nn.Module):
         for name, spec in self.tasks.items():
             if spec == "multiclass":
                 target = _class_target(columns[name], name, samples)
+                _check_class_values(columns[name], name)
             elif callable(spec):
                 target = _per_sample_target(columns[name], name, samples)
             else:
                 target = _float_target(columns[name], name, samples)
+                _check_float_values(target, name, binary=spec == "binary")
             counts[name] = int(_labelled_samples(target).sum())
         return counts
 
@@ -285,6 +292,31 @@ def _per_sample_target(target: Tensor, name: str, batch: int) -> Tensor:
             f"got shape {tuple(target.shape)}"
         )
     return target
+
+
+def _check_float_values(target: Tensor, name: str, *, binary: bool) -> None:
+    if bool(target.isinf().any()):
+        raise ValueError(f"target of task {name!r} holds an infinite value; use NaN for missing")
+    outside = target[(target < 0) | (target > 1)] if binary else target[:0]  # NaN is neither
+    if outside.numel():
+        raise ValueError(
+            f"binary target of task {name!r} holds {torch.unique(outside)[:5].tolist()} outside "
+            "[0, 1]; map the labels to 0 and 1 (e.g. (labels + 1) / 2 for -1/1 labels) and "
+            "mark a missing one with NaN"
+        )
+
+
+def _check_class_values(target: Tensor, name: str) -> None:
+    if target.is_floating_point():
+        labels = target[~target.isnan()]
+        bad = labels[(labels < _MISSING_CLASS) | (labels != labels.floor()) | labels.isinf()]
+    else:
+        bad = target[target < _MISSING_CLASS]
+    if bad.numel():
+        raise ValueError(
+            f"multiclass target of task {name!r} holds {torch.unique(bad)[:5].tolist()}, which are "
+            "not class indices; use whole numbers in [0, C), and -1 or NaN for a missing label"
+        )
 
 
 def _batch_size(output: Tensor, name: str) -> int:
