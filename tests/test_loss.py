@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dstmtl import MaskedMultiTaskLoss
 
@@ -253,6 +253,13 @@ def test_a_list_of_tasks_names_the_expected_mapping() -> None:
             MaskedMultiTaskLoss(tasks)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"dict\.fromkeys\(names, 'binary'\)"):
         MaskedMultiTaskLoss(["a", "b"])  # type: ignore[arg-type]
+
+
+def test_a_module_dict_of_losses_is_a_mapping() -> None:
+    losses = nn.ModuleDict({"c": nn.CrossEntropyLoss(reduction="none")})
+    loss = MaskedMultiTaskLoss(losses)  # type: ignore[arg-type]
+    result = loss({"c": torch.zeros(2, 3)}, {"c": torch.tensor([0, -1])})
+    assert result.tolist() == pytest.approx([math.log(3)])
 
 
 def test_outputs_and_targets_that_are_not_mappings_are_named() -> None:

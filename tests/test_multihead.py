@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.error import URLError
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -135,6 +136,7 @@ def test_from_torchvision_refuses_repeated_task_names() -> None:
         (True, TypeError, r"task 'a' has True outputs; .* as an int"),
         (2.0, TypeError, r"task 'a' has 2\.0 outputs; .* as an int"),
         (0, ValueError, r"task 'a' has 0 outputs; .* positive number of outputs"),
+        (torch.tensor(2.0), TypeError, r"task 'a' has tensor\(2\.\) outputs; .* as an int"),
     ],
 )
 def test_from_torchvision_needs_a_positive_int_per_task(
@@ -184,9 +186,36 @@ def test_a_backbone_returning_a_tuple_is_named() -> None:
         net(torch.randn(3, 2))
 
 
+def test_from_torchvision_takes_integer_counts_of_any_integer_type() -> None:
+    labels = torch.tensor([0, 2, 1])
+    net = MultiHeadNet.from_torchvision("resnet18", {"hair": labels.max() + 1, "n": np.int64(2)})
+    assert {name: head.out_features for name, head in net.heads.items()} == {"hair": 3, "n": 2}
+
+
 def test_heads_must_be_a_mapping() -> None:
     with pytest.raises(TypeError, match=r"heads must be a mapping .*, got list; .*dict\(zip"):
         MultiHeadNet(nn.Identity(), [nn.Linear(2, 1), nn.Linear(2, 1)])  # type: ignore[arg-type]
+    # Another net's heads (an nn.ModuleDict, not a collections.abc.Mapping) are a mapping.
+    first = MultiHeadNet(nn.Identity(), {"a": nn.Linear(2, 1), "b": nn.Linear(2, 3)})
+    second = MultiHeadNet(nn.Linear(2, 2), first.heads)
+    assert {name: tuple(out.shape) for name, out in second(torch.zeros(4, 2)).items()} == {
+        "a": (4, 1),
+        "b": (4, 3),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing:UserWarning")
+def test_a_node_missing_in_one_mode_keeps_torchvisions_message() -> None:
+    class TrainOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.extra = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.extra(x) if self.training else x
+
+    with pytest.raises(ValueError, match=r"node: 'extra' is not present in model"):
+        MultiHeadNet(TrainOnly(), {"a": nn.Linear(2, 1)}, branches={"a": "extra"})
 
 
 def test_branches_over_an_untraceable_backbone_name_the_way_out() -> None:

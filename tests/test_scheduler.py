@@ -308,6 +308,10 @@ def test_step_input_of_the_wrong_type() -> None:
         scheduler(torch.tensor([1, 2]))
     with pytest.raises(TypeError, match=r"mean_losses must hold one value per task .*'a' \(str\)"):
         scheduler.step("a")  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError, match=r"mean_losses must hold one value per task .*1\.0 \(float\)"
+    ):
+        scheduler.step(1.0)  # type: ignore[arg-type]
 
 
 def test_a_step_with_nothing_recorded_warns() -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -45,6 +46,11 @@ def _sync_directory(directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)
+    except OSError as error:
+        # Some network and FUSE file systems cannot sync a directory; the file itself is
+        # already whole and in place, so that is no reason to fail the write.
+        if error.errno != errno.EINVAL:
+            raise
     finally:
         os.close(descriptor)
 
@@ -65,7 +71,8 @@ def _remove_abandoned(path: Path) -> None:
             continue
         owner, _, pid = name[len(prefix) : -len(".tmp")].rpartition(".")
         if owner == host and pid.isdigit() and not _running(int(pid)):
-            candidate.unlink(missing_ok=True)
+            with suppress(PermissionError):  # another user's, in a shared folder
+                candidate.unlink(missing_ok=True)
 
 
 def _running(pid: int) -> bool:

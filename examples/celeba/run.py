@@ -124,7 +124,7 @@ def _study(
     def prepare() -> tuple[Path, list[reporting.Session]]:
         out = Path(args.out or f"runs/{'demo' if args.demo else 'celeba'}-{_now('%Y%m%d-%H%M%S')}")
         _prepare_out(out, config, resume=args.resume, overwrite=args.overwrite)
-        sessions = _record_session(out, _session(arguments, device, world_size))
+        sessions = _record_session(out, _session(arguments, device, world_size), resume=args.resume)
         root = out / "demo_data" if args.demo else Path(args.root)
         if args.demo and not (root / "list_eval_partition.txt").exists():
             generate_demo_celeba(
@@ -179,7 +179,7 @@ def _study(
         if rank == 0:
             print(
                 "\ninterrupted: every completed epoch is saved; to continue, run the same "
-                f"command with --resume --out {out}",
+                f"command with --resume --out {shlex.quote(str(out))}",
                 file=sys.stderr,
             )
         return 130  # the shell's status for a SIGINT
@@ -514,12 +514,26 @@ def _session(arguments: list[str], device: torch.device, world_size: int) -> rep
     )
 
 
-def _record_session(out: Path, session: reporting.Session) -> list[reporting.Session]:
+def _record_session(
+    out: Path, session: reporting.Session, *, resume: bool
+) -> list[reporting.Session]:
     """Add this start to the study's sessions, so a resumed study keeps its first command."""
     path = out / _SESSIONS_FILE
     sessions: list[reporting.Session] = (
         json.loads(path.read_text())["sessions"] if path.exists() else []
     )
+    if resume and not sessions:
+        # A study started before sessions were recorded: its first start is not known, and
+        # this resume must not be reported as if it were.
+        unknown = "unknown (started before sessions.json was recorded)"
+        sessions.append(
+            reporting.Session(
+                command=unknown,
+                argv=[],
+                started=unknown,
+                hardware=reporting.Hardware(device="unknown", device_name=unknown, cpu="", gpus=0),
+            )
+        )
     sessions.append(session)
     reporting.write_json({"sessions": sessions}, path)
     return sessions

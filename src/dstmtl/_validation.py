@@ -6,7 +6,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 _V = TypeVar("_V")
 
@@ -32,8 +32,12 @@ def check_task_names(task_names: Iterable[str], *, owner: str) -> tuple[str, ...
 
 
 def check_mapping(value: object, *, what: str, expected: str, fix: str) -> None:
-    """Raise ``TypeError`` naming what ``value`` is when it is not a mapping."""
-    if not isinstance(value, Mapping):
+    """Raise ``TypeError`` naming what ``value`` is when it is not a mapping.
+
+    An ``nn.ModuleDict`` (such as ``MultiHeadNet.heads``) counts as one, though it is not a
+    ``collections.abc.Mapping``.
+    """
+    if not isinstance(value, Mapping | nn.ModuleDict):
         found = (
             f"a tensor of shape {tuple(value.shape)}"
             if isinstance(value, Tensor)

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Mapping, Sequence
-from numbers import Integral
-from typing import Any
+from typing import Any, SupportsIndex
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +56,7 @@ class MultiHeadNet(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        heads: Mapping[str, nn.Module],
+        heads: Mapping[str, nn.Module] | nn.ModuleDict,
         *,
         branches: Mapping[str, str] | None = None,
     ) -> None:
@@ -84,7 +84,7 @@ class MultiHeadNet(nn.Module):
         if self.branches:
             backbone, self._output_node = _feature_extractor(backbone, set(self.branches.values()))
         self.backbone = backbone
-        self.heads = nn.ModuleDict(heads)
+        self.heads = nn.ModuleDict(dict(heads.items()))
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -141,7 +141,7 @@ class MultiHeadNet(nn.Module):
     def from_torchvision(
         cls,
         name: str,
-        tasks: Mapping[str, int] | Sequence[str],
+        tasks: Mapping[str, SupportsIndex] | Sequence[str],
         *,
         weights: Weights = None,
         branches: Mapping[str, str] | None = None,
@@ -209,7 +209,7 @@ def _feature_extractor(backbone: nn.Module, nodes: set[str]) -> tuple[nn.Module,
 
     try:
         train_nodes, _ = get_graph_node_names(backbone)
-    except Exception as error:
+    except _TRACE_ERRORS as error:
         raise _untraceable(backbone, error) from error
     output_node = train_nodes[-1]
     # A module's name ("layer3") stands for its last node, as create_feature_extractor allows.
@@ -226,9 +226,14 @@ def _feature_extractor(backbone: nn.Module, nodes: set[str]) -> tuple[nn.Module,
     return_nodes = {node: node for node in sorted(nodes | {output_node})}
     try:
         extractor = create_feature_extractor(backbone, return_nodes=return_nodes)
-    except Exception as error:
+    except _TRACE_ERRORS as error:
         raise _untraceable(backbone, error) from error
     return extractor, output_node
+
+
+# What torch.fx raises on Python control flow or other operations on traced values; a
+# ValueError (a node missing in one mode) is torchvision's own, and clearer, message.
+_TRACE_ERRORS = (torch.fx.proxy.TraceError, TypeError)
 
 
 def _untraceable(backbone: nn.Module, error: Exception) -> TypeError:
@@ -241,20 +246,24 @@ def _untraceable(backbone: nn.Module, error: Exception) -> TypeError:
     )
 
 
-def _check_output_count(task: str, width: object) -> int:
-    if isinstance(width, bool) or not isinstance(width, Integral):
+def _check_output_count(task: str, width: Any) -> int:
+    example = f"e.g. {{{task!r}: 1}} (1 for a binary or regression task, C for a C-class task)"
+    try:
+        # Ints, numpy integers and integer scalar tensors; not 2.0 nor "binary".
+        count: int | None = operator.index(width)
+    except TypeError:
+        count = None
+    if count is None or isinstance(width, bool):
         raise TypeError(
             f"MultiHeadNet.from_torchvision: task {task!r} has {width!r} outputs; give each "
-            f"task its number of outputs as an int, e.g. {{{task!r}: 1}} (1 for a binary or "
-            "regression task, C for a C-class task)"
+            f"task its number of outputs as an int, {example}"
         )
-    if width < 1:
+    if count < 1:
         raise ValueError(
-            f"MultiHeadNet.from_torchvision: task {task!r} has {width} outputs; give each task "
-            f"a positive number of outputs, e.g. {{{task!r}: 1}} (1 for a binary or "
-            "regression task, C for a C-class task)"
+            f"MultiHeadNet.from_torchvision: task {task!r} has {count} outputs; give each task "
+            f"a positive number of outputs, {example}"
         )
-    return int(width)
+    return count
 
 
 def _load_torchvision_model(name: str, weights: Weights, kwargs: Mapping[str, Any]) -> nn.Module:

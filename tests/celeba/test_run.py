@@ -491,3 +491,12 @@ def test_the_dataloader_fallback_checks_and_reports_images(
     assert message.startswith(f"error: Cannot decode image {second}")
     assert "Traceback" not in message
     assert "worker" not in message
+
+
+def test_a_study_from_before_sessions_keeps_its_resume_apart(tmp_path: Path) -> None:
+    resume = run._session(["--resume", "--out", str(tmp_path)], torch.device("cpu"), 1)
+    sessions = run._record_session(tmp_path, resume, resume=True)
+    assert [session["argv"] for session in sessions] == [[], resume["argv"]]
+    assert sessions[0]["command"].startswith("unknown")
+    again = run._record_session(tmp_path, resume, resume=True)
+    assert again == [*sessions, resume]

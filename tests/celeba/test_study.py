@@ -42,8 +42,11 @@ def batches(split: str, *, epoch: int) -> list[tuple[Tensor, Tensor]]:
     return SPLITS[split]
 
 
-def run(method: str, checkpoint_dir: Path) -> dict[str, Any]:
-    settings = study.Settings(
+TRAIN_LABELS = torch.cat([labels for _, labels in SPLITS["train"]]).numpy()
+
+
+def settings(checkpoint_dir: Path) -> study.Settings:
+    return study.Settings(
         epochs=3,
         learning_rate=0.05,
         seed=0,
@@ -54,8 +57,10 @@ def run(method: str, checkpoint_dir: Path) -> dict[str, Any]:
         world_size=1,
         checkpoint_dir=checkpoint_dir,
     )
-    train_labels = torch.cat([labels for _, labels in SPLITS["train"]]).numpy()
-    result = study.run_method(method, tiny_model, batches, train_labels, settings)
+
+
+def run(method: str, checkpoint_dir: Path) -> dict[str, Any]:
+    result = study.run_method(method, tiny_model, batches, TRAIN_LABELS, settings(checkpoint_dir))
     # Everything but the clock.
     epochs = [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in result["epochs"]]
     return {**result, "epochs": epochs, "wall_seconds": None}
@@ -103,3 +108,13 @@ def test_methods_with_per_process_state_refuse_torchrun(method: str) -> None:
 def test_the_other_methods_run_under_torchrun(method: str) -> None:
     pytest.importorskip("torchjd")
     Method(method, tiny_model(), np.ones((4, 3), np.float32), seed=0, distributed=True)
+
+
+def test_the_finished_checkpoint_holds_the_tested_weights(tmp_path: Path) -> None:
+    result = study.run_method("equal", tiny_model, batches, TRAIN_LABELS, settings(tmp_path))
+    assert result["selected_epoch"] < 2  # so the last epoch's weights would be the wrong ones
+    state = torch.load(tmp_path / "equal.pt", weights_only=True)
+    trainer = study.Trainer("equal", tiny_model, TRAIN_LABELS, settings(tmp_path))
+    trainer.model.load_state_dict(state["model"])
+    counts = study.evaluate(trainer, SPLITS["test"])
+    assert study.scores(counts, TASKS) == result["test"]
