@@ -93,7 +93,7 @@ def test_checkpoints_load_with_weights_only(finished_study: Path) -> None:
         head = model.heads["Male"]
         assert isinstance(head, torch.nn.Linear)
         untrained = head.weight.detach().clone()
-        model.load_state_dict(state["model"])  # strict: the selected weights, all of them
+        model.load_state_dict(state["model"])  # strict: a whole trained MultiHeadNet state
         assert not torch.equal(head.weight, untrained)
     assert not list(finished_study.rglob("*.tmp"))
 
