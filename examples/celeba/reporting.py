@@ -475,11 +475,22 @@ def _comparison_section(results: Results) -> str:
 def _keep_probability_section(results: Results, run_name: str) -> str:
     tasks = _tasks(results)
     rows = [
-        [str(record["epoch"]), *(_fmt(record["keep_probabilities"].get(task)) for task in tasks)]
+        [
+            str(record["epoch"]),
+            *(
+                _fmt(record["keep_probabilities"].get(task))
+                + ("" if record["gates"].get(task, True) else " (dropped)")
+                for task in tasks
+            ),
+        ]
         for record in results["runs"][run_name]["epochs"]
     ]
     table = _table(["epoch", *tasks], rows)
-    return f"## Keep probabilities per epoch: {run_name}\n\n{table}"
+    note = (
+        'Computed at the end of each epoch; "(dropped)": the draw made then left the task '
+        "out of the next epoch's updates."
+    )
+    return f"## Keep probabilities per epoch: {run_name}\n\n{table}\n\n{note}"
 
 
 def _terms_section(results: Results, run_name: str, terms_epoch: int | None) -> str:

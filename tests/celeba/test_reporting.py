@@ -283,7 +283,7 @@ def test_terms_and_keep_probability_tables(results: Results) -> None:
 
     keep = _section(markdown, "Keep probabilities per epoch: dst")
     assert _row(keep, "0") == ["1.0000", "1.0000", "1.0000"]
-    assert _row(keep, "2") == ["0.9000", "0.6000", "0.3000"]
+    assert _row(keep, "2") == ["0.9000", "0.6000", "0.3000 (dropped)"]  # gates: p > 0.5
 
 
 def test_training_loss_table_shows_nan_and_selected_epoch(results: Results) -> None:
