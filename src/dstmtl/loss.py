@@ -181,7 +181,7 @@ class MaskedMultiTaskLoss(nn.Module):
             else:
                 target = _float_target(columns[name], name, samples)
                 _check_float_values(target, name, binary=spec == "binary")
-            counts[name] = int(_labelled_samples(target).sum())
+            counts[name] = int(_labelled_samples(_labelled_entries(target)).sum())
         return counts
 
     def _target_columns(self, targets: Mapping[str, Tensor] | Tensor) -> dict[str, Tensor]:
@@ -223,7 +223,7 @@ def _masked_means(
     safe_targets = torch.where(labelled, targets, torch.zeros_like(targets))
     losses = per_sample(outputs, safe_targets)
     if labelled.shape != losses.shape:
-        labelled = _labelled_samples(targets)
+        labelled = _labelled_samples(labelled)
     losses = torch.where(labelled, losses, torch.zeros_like(losses))
     # At least float32: bfloat16 and float16 cannot count or sum a large batch exactly.
     dtype = torch.promote_types(losses.dtype, torch.float32)
@@ -235,9 +235,9 @@ def _labelled_entries(targets: Tensor) -> Tensor:
     return ~targets.isnan() if targets.is_floating_point() else targets != _MISSING_CLASS
 
 
-def _labelled_samples(targets: Tensor) -> Tensor:
+def _labelled_samples(labelled_entries: Tensor) -> Tensor:
     """``[B]``: a sample whose target has any missing entry does not count as labelled."""
-    return _labelled_entries(targets).reshape(targets.shape[0], -1).all(dim=1)
+    return labelled_entries.reshape(labelled_entries.shape[0], -1).all(dim=1)
 
 
 def _binary_losses(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -297,7 +297,9 @@ def _per_sample_target(target: Tensor, name: str, batch: int) -> Tensor:
 def _check_float_values(target: Tensor, name: str, *, binary: bool) -> None:
     if bool(target.isinf().any()):
         raise ValueError(f"target of task {name!r} holds an infinite value; use NaN for missing")
-    outside = target[(target < 0) | (target > 1)] if binary else target[:0]  # NaN is neither
+    if not binary:
+        return
+    outside = target[(target < 0) | (target > 1)]  # NaN is neither
     if outside.numel():
         raise ValueError(
             f"binary target of task {name!r} holds {torch.unique(outside)[:5].tolist()} outside "
