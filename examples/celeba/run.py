@@ -61,6 +61,7 @@ except ModuleNotFoundError as error:
 _T = TypeVar("_T")
 _STUDY_FILE = "study.json"
 _SESSIONS_FILE = "sessions.json"
+_CHECKPOINTS = "checkpoints"
 # Bumped whenever the checkpoints change shape, so that --resume refuses an older study
 # instead of failing inside it. 2: the methods' TorchJD state (DWA, FAMO) is in the checkpoints.
 _STUDY_FORMAT = 2
@@ -121,10 +122,11 @@ def _study(
     if args.resume and args.out is None:
         raise CelebAError("--resume needs --out, the folder of the study to continue")
 
-    def prepare() -> tuple[Path, list[reporting.Session]]:
+    session = _session(arguments, device, world_size)
+
+    def prepare() -> Path:
         out = Path(args.out or f"runs/{'demo' if args.demo else 'celeba'}-{_now('%Y%m%d-%H%M%S')}")
         _prepare_out(out, config, resume=args.resume, overwrite=args.overwrite)
-        sessions = _record_session(out, _session(arguments, device, world_size), resume=args.resume)
         root = out / "demo_data" if args.demo else Path(args.root)
         if args.demo and not (root / "list_eval_partition.txt").exists():
             generate_demo_celeba(
@@ -136,9 +138,9 @@ def _study(
             )
         if args.download:
             _download(root)
-        return out, sessions
+        return out
 
-    out, sessions = _on_first_rank(prepare, rank, world_size)
+    out = _on_first_rank(prepare, rank, world_size)
     root = out / "demo_data" if args.demo else Path(args.root)
     files = locate(root)
     splits = load_splits(files, attributes)
@@ -151,6 +153,11 @@ def _study(
             raise CelebAError(f"{error}. Pass --weights none to train from scratch.") from error
 
     depths = build_model().depths()  # also fails on missing weights before the data work
+    # Recorded only now, so that a start stopped by missing data or weights is not listed
+    # as a session of the study.
+    sessions = _on_first_rank(
+        lambda: _record_session(out, session, resume=args.resume), rank, world_size
+    )
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache" if args.demo else None
     batches = _batch_source(args, splits, files.image_dir, cache_dir, rank, world_size, device)
     settings = Settings(
@@ -162,7 +169,7 @@ def _study(
         progress=args.progress,
         rank=rank,
         world_size=world_size,
-        checkpoint_dir=out / "checkpoints",
+        checkpoint_dir=out / _CHECKPOINTS,
     )
     results = reporting.Results(
         study=_study_info(args, attributes, root, sessions, depths),
@@ -522,9 +529,9 @@ def _record_session(
     sessions: list[reporting.Session] = (
         json.loads(path.read_text())["sessions"] if path.exists() else []
     )
-    if resume and not sessions:
-        # A study started before sessions were recorded: its first start is not known, and
-        # this resume must not be reported as if it were.
+    if resume and not sessions and (out / _CHECKPOINTS).exists():
+        # A study that trained before sessions were recorded: its first start is not known,
+        # and this resume must not be reported as if it were.
         unknown = "unknown (started before sessions.json was recorded)"
         sessions.append(
             reporting.Session(

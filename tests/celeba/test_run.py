@@ -493,7 +493,31 @@ def test_the_dataloader_fallback_checks_and_reports_images(
     assert "worker" not in message
 
 
+def test_a_start_stopped_by_missing_data_is_not_a_session(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "celeba"
+    shutil.copytree(demo_root, root)
+    partition = root / "list_eval_partition.txt"
+    partition_text = partition.read_text()
+    partition.unlink()
+    out = tmp_path / "study"
+    argv = ["--root", str(root), "--out", str(out), "--weights", "none", "--methods", "equal"]
+    argv += [*TINY, "--epochs", "1"]
+    fails(argv, capsys, "list_eval_partition.txt")
+    fails([*argv, "--resume"], capsys, "list_eval_partition.txt")
+    assert not (out / "sessions.json").exists()
+
+    partition.write_text(partition_text)
+    assert run.main([*argv, "--resume"]) == 0
+    study = json.loads((out / "metrics.json").read_text())["study"]
+    # The start that trained is the study's first, not a resume of an unknown one.
+    assert study["argv"] == [*argv, "--resume"]
+    assert study["resumed"] == []
+
+
 def test_a_study_from_before_sessions_keeps_its_resume_apart(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints").mkdir()  # it trained before sessions were recorded
     resume = run._session(["--resume", "--out", str(tmp_path)], torch.device("cpu"), 1)
     sessions = run._record_session(tmp_path, resume, resume=True)
     assert [session["argv"] for session in sessions] == [[], resume["argv"]]
