@@ -235,6 +235,8 @@ def test_bad_metric_arguments() -> None:
             LabelCount(counts)
     with pytest.raises(ValueError, match=r"shape \[N, K\]"):
         LabelCount(torch.ones(5))
+    with pytest.raises(ValueError, match="infinite value; mark a missing label with NaN"):
+        LabelCount(torch.tensor([[1.0, math.inf], [0.0, 1.0]]))
     scheduler = TaskDropScheduler(TASKS, [NetworkDepth({"a": 1, "b": 2, "x": 3})])
     scheduler.step([1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match=r"missing \['c'\], unexpected \['x'\]"):

@@ -19,8 +19,9 @@ class LabelCount(Metric):
     Args:
         counts: The counts :math:`N_j` as a mapping from task name or a sequence in task
             order; or the training labels as a tensor ``[N, K]`` in task order, where a
-            missing label is NaN or another non-finite value (floating tensors) or ``-1``
-            (integer tensors). In a floating tensor ``-1`` counts as a label, since it may be
+            missing label is NaN (floating tensors) or ``-1`` (integer tensors), as for
+            :class:`~dstmtl.MaskedMultiTaskLoss`, and an infinite label raises
+            ``ValueError``. In a floating tensor ``-1`` counts as a label, since it may be
             a regression value; when it marks a missing class, pass
             ``loss_fn.count_labels(labels)`` instead
             (:meth:`~dstmtl.MaskedMultiTaskLoss.count_labels` knows each task's kind).
@@ -46,7 +47,14 @@ class LabelCount(Metric):
                     "LabelCount: a label tensor must have shape [N, K] (samples x tasks), "
                     f"got shape {tuple(counts.shape)}"
                 )
-            labelled = counts.isfinite() if counts.is_floating_point() else counts != -1
+            if counts.is_floating_point() and bool(counts.isinf().any()):
+                # The loss takes infinity as a label value, so counting it as missing here
+                # would disagree with what the loss trains on.
+                raise ValueError(
+                    "LabelCount: the label tensor holds an infinite value; mark a missing "
+                    "label with NaN"
+                )
+            labelled = ~counts.isnan() if counts.is_floating_point() else counts != -1
             counts = labelled.sum(dim=0).to(torch.float64)
             self._counts: Mapping[str, float] | Sequence[float] | Tensor = counts
             values = counts.tolist()
