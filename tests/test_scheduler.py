@@ -385,3 +385,23 @@ def test_label_counts_of_the_epoch() -> None:
     scheduler(torch.tensor([1.0, 2.0]), torch.tensor([4, 2]))
     scheduler.step()
     assert scheduler.label_counts == {"a": 7.0, "b": 2.0}
+
+
+def test_epoch_sums_stay_exact_where_float32_would_round() -> None:
+    # float32 has 24 bits: 2**24 + 1 and 1e8 + 1 both round away their last unit there.
+    scheduler = TaskDropScheduler(["a", "b"], [Constant()])
+    scheduler(torch.tensor([1e8, 1.0], dtype=torch.float64), torch.tensor([2**24, 1]))
+    scheduler(torch.tensor([1.0, 1.0], dtype=torch.float64), torch.tensor([1, 1]))
+    scheduler.step()
+    assert scheduler.label_counts == {"a": 2**24 + 1, "b": 2.0}
+    assert scheduler.epoch_losses == {"a": 50_000_000.5, "b": 1.0}
+
+
+def test_float64_losses_keep_their_loss_weights_exact() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Constant()], loss_scaling=True)
+    scheduler(torch.tensor([1.0, 3.0], dtype=torch.float64))
+    scheduler.step()
+    # w = mean(1, 3) / (1, 3) = (2, 2/3); 2/3 is not a float32 value.
+    weighted = scheduler.weighted_losses(torch.tensor([0.3, 0.3], dtype=torch.float64))
+    assert weighted.dtype == torch.float64
+    assert weighted.tolist() == [2 * 0.3, 2 / 3 * 0.3]

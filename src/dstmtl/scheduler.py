@@ -166,13 +166,14 @@ class TaskDropScheduler:
                 self._refresh_device_factors()
                 self._calls_since_draw = 1
 
-        detached = losses.detach().to(torch.float32)
+        dtype = self._accumulator.dtype
+        detached = losses.detach().to(dtype)
         labelled = detached.isfinite()
         if label_counts is not None:
             labelled = labelled & (label_counts > 0)
-            self._accumulator[_LABEL_COUNT] += label_counts.to(torch.float32)
+            self._accumulator[_LABEL_COUNT] += label_counts.to(dtype)
         self._accumulator[_LOSS_SUM] += torch.where(labelled, detached, 0.0)
-        self._accumulator[_LABELLED_STEPS] += labelled.to(torch.float32)
+        self._accumulator[_LABELLED_STEPS] += labelled.to(dtype)
 
         # A copy: autograd keeps it for the backward pass, and the device buffer is
         # rewritten in place at the next redraw or step() (gradient accumulation).
@@ -443,10 +444,14 @@ class TaskDropScheduler:
 
     def _move_state(self, device: torch.device) -> None:
         previous = self._accumulator
-        self._accumulator = torch.zeros(3, len(self._task_names), device=device)
+        self._accumulator = torch.zeros(
+            3, len(self._task_names), dtype=_device_state_dtype(device), device=device
+        )
         if previous is not None:
             self._accumulator.copy_(previous)
-        self._factors = torch.empty(len(self._task_names), device=device)
+        self._factors = torch.empty(
+            len(self._task_names), dtype=_device_state_dtype(device), device=device
+        )
         self._refresh_device_factors()
 
     def _reset_accumulator(self) -> None:
@@ -458,7 +463,7 @@ class TaskDropScheduler:
         local = (
             self._accumulator
             if self._accumulator is not None
-            else torch.zeros(3, num_tasks, dtype=torch.float32)
+            else torch.zeros(3, num_tasks, dtype=torch.float64)
         )
         totals = all_reduce_sum(local.clone()).to("cpu", torch.float64)
         self._reset_accumulator()
@@ -500,14 +505,12 @@ class TaskDropScheduler:
             gates[dropped[:shortfall]] = True
         return broadcast_from_first(gates.to(torch.uint8)).to(torch.bool)
 
-    def _factors_now(self) -> Tensor:
-        return (self._gates.to(torch.float64) * self._loss_weights).to(torch.float32)
-
     def _refresh_device_factors(self) -> None:
         """Make the device copies follow the gates and the loss weights."""
         if self._factors is not None:
             device = self._factors.device
-            self._factors.copy_(_staged(self._factors_now(), device), non_blocking=True)
+            factors = (self._gates.to(torch.float64) * self._loss_weights).to(self._factors.dtype)
+            self._factors.copy_(_staged(factors, device), non_blocking=True)
             kept = self._gates.nonzero().squeeze(1)
             self._kept_index = _staged(kept, device).to(device, non_blocking=True)
 
@@ -583,6 +586,12 @@ def _make_generator(generator: torch.Generator | int | None) -> torch.Generator:
         )
     seed = generator if generator is not None else int(torch.randint(2**62, ()).item())
     return torch.Generator().manual_seed(seed)
+
+
+def _device_state_dtype(device: torch.device) -> torch.dtype:
+    """float64, so that long epochs, label counts past 2**24 and float64 losses' weights stay
+    exact; MPS has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _staged(tensor: Tensor, device: torch.device) -> Tensor:
