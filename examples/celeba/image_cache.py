@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -88,10 +89,11 @@ def build_cache(
 ) -> np.memmap[Any, np.dtype[np.uint8]]:
     """Return a read-only uint8 array [N, 3, S, S] of the preprocessed images.
 
-    The cache file name depends on the crop, the size and a hash of the file
-    list, so a later run with the same settings reuses it and a run with other
-    settings builds its own. Only the paths are hashed: replacing images in
-    place requires deleting the cache directory. ``workers`` defaults to the
+    The cache file name depends on the crop, the size and a hash of the files
+    (paths, sizes and modification times), so a later run with the same settings
+    and files reuses it, and a run with other settings, or after the images were
+    replaced (the demo data generated again with another seed), builds its own.
+    A missing image raises :class:`CelebAError` before any work. ``workers`` defaults to the
     number of usable CPU cores; 0 or 1 decodes in this process.
     """
     if not paths:
@@ -124,11 +126,30 @@ def build_cache(
 
 def _key(paths: Sequence[Path]) -> str:
     digest = hashlib.sha256(f"v{_CACHE_VERSION}\0".encode())
-    for path in paths:
+    for path, stat in zip(paths, _stat_images(paths), strict=True):
         # Absolute paths so that runs from different working directories agree.
-        digest.update(str(path.absolute()).encode())
-        digest.update(b"\0")
+        digest.update(f"{path.absolute()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
     return digest.hexdigest()[:16]
+
+
+def _stat_images(paths: Sequence[Path]) -> list[os.stat_result]:
+    """Each image's stat, or a :class:`CelebAError` that counts the missing ones.
+
+    A stat per file costs about a second for all of CelebA.
+    """
+    stats: list[os.stat_result] = []
+    missing: list[Path] = []
+    for path in paths:
+        try:
+            stats.append(path.stat())
+        except FileNotFoundError:
+            missing.append(path)
+    if missing:
+        raise CelebAError(
+            f"{len(missing)} of {len(paths)} images are missing, e.g. {missing[0]}; restore "
+            "them from the CelebA download (or regenerate the demo data)"
+        )
+    return stats
 
 
 def _open_cache(
@@ -364,13 +385,8 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} label rows")
         # Decoding happens during training, so a missing file would otherwise stop a run
-        # hours in; a stat per file costs about a second for all of CelebA.
-        missing = [path for path in paths if not path.is_file()]
-        if missing:
-            raise CelebAError(
-                f"{len(missing)} of {len(paths)} images are missing, e.g. {missing[0]}; restore "
-                "them from the CelebA download (or regenerate the demo data)"
-            )
+        # hours in.
+        _stat_images(paths)
         self._paths = list(paths)
         self._labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
         self._crop = crop

@@ -132,8 +132,27 @@ def test_truncated_jpeg_stops_the_build(
 
 def test_missing_image_names_the_file(demo_paths: list[Path], tmp_path: Path) -> None:
     missing = tmp_path / "999999.jpg"
-    with pytest.raises(CelebAError, match=f"Cannot decode image {missing}"):
+    with pytest.raises(CelebAError, match=f"1 of 3 images are missing, e.g. {missing}"):
         build_cache([*demo_paths[:2], missing], tmp_path, crop=CROP, image_size=SIZE, workers=1)
+
+
+def test_replaced_images_get_a_new_cache(demo_paths: list[Path], tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    paths = [images / source.name for source in demo_paths[:3]]
+    for path, source in zip(paths, demo_paths[:3], strict=True):
+        path.write_bytes(source.read_bytes())
+    cache_dir = tmp_path / "cache"
+    before = build_cache(paths, cache_dir, crop=CROP, image_size=SIZE, workers=1)
+    # As when the demo data is generated again with another seed: same names, new images.
+    paths[0].write_bytes(demo_paths[3].read_bytes())
+    after = build_cache(paths, cache_dir, crop=CROP, image_size=SIZE, workers=1)
+    assert _file_of(after) != _file_of(before)
+    reference = build_cache(
+        demo_paths[3:4], tmp_path / "reference", crop=CROP, image_size=SIZE, workers=1
+    )
+    np.testing.assert_array_equal(after[0], reference[0])
+    np.testing.assert_array_equal(after[1:], before[1:])
 
 
 def test_crop_larger_than_the_image(demo_paths: list[Path], tmp_path: Path) -> None:
