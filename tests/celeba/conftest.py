@@ -7,6 +7,7 @@ the way ``python examples/celeba/run.py`` sees them: with that directory on
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,4 +33,12 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small demo dataset in the official layout, shared by the read-only tests."""
     root = tmp_path_factory.mktemp("demo_celeba")
     generate_demo_celeba(root, n_images=120, seed=0)
+    return root
+
+
+@pytest.fixture
+def demo_copy(demo_root: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo dataset, for the tests that break or change its files."""
+    root = tmp_path / "celeba"
+    shutil.copytree(demo_root, root)
     return root

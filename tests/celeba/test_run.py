@@ -206,10 +206,9 @@ def test_missing_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_missing_files_name_the_file_and_the_layouts(
-    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = tmp_path / "celeba"
-    shutil.copytree(demo_root, root)
+    root = demo_copy
     (root / "list_eval_partition.txt").unlink()
     argv = ["--root", str(root), "--out", str(tmp_path / "o"), "--weights", "none", *TINY]
     fails(argv, capsys, "list_eval_partition.txt", "kaggle")
@@ -284,10 +283,9 @@ def test_download_failure_is_explained(
 
 
 def test_an_unreadable_jpeg_is_named(
-    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = tmp_path / "celeba"
-    shutil.copytree(demo_root, root)
+    root = demo_copy
     broken = root / "img_align_celeba" / "000007.jpg"
     broken.write_bytes(broken.read_bytes()[:200])
     argv = ["--root", str(root), "--out", str(tmp_path / "o"), "--weights", "none", *TINY]
@@ -295,10 +293,9 @@ def test_an_unreadable_jpeg_is_named(
 
 
 def test_mismatched_partition_file(
-    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = tmp_path / "celeba"
-    shutil.copytree(demo_root, root)
+    root = demo_copy
     partition = root / "list_eval_partition.txt"
     partition.write_text(partition.read_text().replace("000003.jpg", "999999.jpg"))
     argv = ["--root", str(root), "--out", str(tmp_path / "o"), "--weights", "none", *TINY]
@@ -470,10 +467,9 @@ def test_a_missing_install_step_is_named(module: str) -> None:
 
 
 def test_the_dataloader_fallback_checks_and_reports_images(
-    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = tmp_path / "celeba"
-    shutil.copytree(demo_root, root)
+    root = demo_copy
     files = celeba_files.locate(root)
     test_images = celeba_files.load_splits(files, celeba_files.DEFAULT_ATTRIBUTES)["test"]
     first, second = test_images.image_paths(files.image_dir)[:2]
@@ -494,10 +490,9 @@ def test_the_dataloader_fallback_checks_and_reports_images(
 
 
 def test_a_start_stopped_by_missing_data_is_not_a_session(
-    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = tmp_path / "celeba"
-    shutil.copytree(demo_root, root)
+    root = demo_copy
     partition = root / "list_eval_partition.txt"
     partition_text = partition.read_text()
     partition.unlink()
