@@ -37,7 +37,8 @@ def check_mapping(value: object, *, what: str, expected: str, fix: str) -> None:
     An ``nn.ModuleDict`` (such as ``MultiHeadNet.heads``) counts as one, though it is not a
     ``collections.abc.Mapping``.
     """
-    if not isinstance(value, Mapping | nn.ModuleDict):
+    # A tuple, not Mapping | nn.ModuleDict: torch.compile in torch 2.6 cannot trace a union.
+    if not isinstance(value, (Mapping, nn.ModuleDict)):
         found = (
             f"a tensor of shape {tuple(value.shape)}"
             if isinstance(value, Tensor)

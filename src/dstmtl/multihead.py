@@ -179,7 +179,9 @@ class MultiHeadNet(nn.Module):
             outputs = dict.fromkeys(check_task_names(tasks, owner=owner), 1)
         backbone = _load_torchvision_model(name, weights, model_kwargs)
         classifier_path, classifier = _last_linear(backbone, name)
-        backbone.set_submodule(classifier_path, nn.Identity())
+        # Not nn.Module.set_submodule, which torch 2.4 lacks.
+        parent, _, attribute = classifier_path.rpartition(".")
+        setattr(backbone.get_submodule(parent), attribute, nn.Identity())
 
         branch_channels: dict[str, int] = {}
         if branches:
