@@ -245,7 +245,10 @@ def _binary_losses(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def _squared(outputs: Tensor, targets: Tensor) -> Tensor:
-    return F.mse_loss(outputs, targets.to(outputs.dtype), reduction="none")
+    # At least float32, as autocast gives mse_loss anyway; torch < 2.6 has no bfloat16
+    # mse_loss on the CPU.
+    dtype = torch.promote_types(outputs.dtype, torch.float32)
+    return F.mse_loss(outputs.to(dtype), targets.to(dtype), reduction="none")
 
 
 def _cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
