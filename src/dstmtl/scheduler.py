@@ -444,14 +444,11 @@ class TaskDropScheduler:
 
     def _move_state(self, device: torch.device) -> None:
         previous = self._accumulator
-        self._accumulator = torch.zeros(
-            3, len(self._task_names), dtype=_device_state_dtype(device), device=device
-        )
+        dtype = _device_state_dtype(device)
+        self._accumulator = torch.zeros(3, len(self._task_names), dtype=dtype, device=device)
         if previous is not None:
             self._accumulator.copy_(previous)
-        self._factors = torch.empty(
-            len(self._task_names), dtype=_device_state_dtype(device), device=device
-        )
+        self._factors = torch.empty(len(self._task_names), dtype=dtype, device=device)
         self._refresh_device_factors()
 
     def _reset_accumulator(self) -> None:
