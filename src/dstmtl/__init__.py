@@ -12,10 +12,18 @@ from dstmtl import metrics
 from dstmtl.loss import MaskedMultiTaskLoss
 from dstmtl.multihead import MultiHeadNet
 from dstmtl.scheduler import TaskDropScheduler
+from dstmtl.task import Task, TaskKind
 
 try:
     __version__ = version("dstmtl")
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0+unknown"
 
-__all__ = ["MaskedMultiTaskLoss", "MultiHeadNet", "TaskDropScheduler", "metrics"]
+__all__ = [
+    "MaskedMultiTaskLoss",
+    "MultiHeadNet",
+    "Task",
+    "TaskDropScheduler",
+    "TaskKind",
+    "metrics",
+]

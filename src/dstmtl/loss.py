@@ -1,15 +1,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dstmtl._validation import check_mapping, check_same_tasks, check_task_names
+from dstmtl.task import TaskKind
 
-TaskKind = Literal["binary", "multiclass", "regression"]
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 TaskSpec = TaskKind | PerSampleLoss
 
