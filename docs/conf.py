@@ -39,7 +39,6 @@ napoleon_numpy_docstring = False
 autodoc_default_options = {
     "members": True,
     "member-order": "bysource",
-    "special-members": "__call__",
     "show-inheritance": True,
     # nn.Module's hook for its repr, which would bring torch's docstring along.
     "exclude-members": "extra_repr",
