@@ -332,7 +332,7 @@ class TaskDropScheduler:
 
     @property
     def epoch_losses(self) -> dict[str, float]:
-        """The mean loss per task of the last completed epoch (NaN where not measured)."""
+        """The mean (unscaled) loss per task of the last completed epoch; NaN where not measured."""
         return self._as_dict(self._epoch_losses)
 
     @property
