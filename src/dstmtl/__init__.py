@@ -4,6 +4,7 @@
 * :class:`MaskedMultiTaskLoss`: per-task losses over the labelled samples only.
 * :class:`TaskDropScheduler`: drops tasks from each update with a probability built from
   the metrics in :mod:`dstmtl.metrics`.
+* :class:`Task`: one task's description (kind and output width), for all three.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -39,19 +39,36 @@ class MaskedMultiTaskLoss(nn.Module):
       logits, class index in ``[0, C)`` (integer, or a whole number in a floating ``[B, K]``
       target that mixes kinds);
     * ``"regression"``: squared error; output ``[B]`` or ``[B, 1]``, float target;
-    * a callable ``loss(output, target) -> [B]`` returning per-sample losses. Its missing
-      labels follow the target's dtype (NaN if floating, -1 otherwise) and are replaced by
-      0 before the call, so the callable never sees them; a sample whose target has any
-      missing entry does not count. A callable that is an :class:`~torch.nn.Module` (e.g.
-      ``nn.CrossEntropyLoss(weight=w, reduction="none")``) is registered as a submodule, so
-      ``.to()`` and ``state_dict()`` include it.
+    * a callable ``loss(output, target) -> [B]`` returning per-sample losses
+      (``reduction="none"``). Its missing labels follow the target's dtype (NaN if
+      floating, -1 otherwise) and are replaced by 0 before the call, so the callable never
+      sees them; a sample whose target has any missing entry does not count. A callable
+      that is an :class:`~torch.nn.Module` (e.g. ``nn.CrossEntropyLoss(weight=w,
+      reduction="none")``) is registered under ``loss_modules``, so ``.to()`` and
+      ``state_dict()`` include it.
+
+    Only ``-1`` marks a missing class. Any other negative index, such as the ``-100`` that
+    :func:`~torch.nn.functional.cross_entropy` ignores by default, is an error rather than a
+    silent loss of 0: an ``IndexError`` on the CPU, a device-side assertion on CUDA. Class
+    indices given as floats are cut to integers (1.7 becomes class 1) without a check,
+    which would read the values on the host; :meth:`count_labels` checks them.
 
     All binary tasks are computed in one vectorised call over ``[B, K_binary]``, and so are
     all regression tasks. Nothing here reads tensor values on the host, so the call never
-    synchronises with the device.
+    synchronises with the device. It works under :func:`torch.autocast`: the means are
+    summed and divided in at least float32, so bfloat16 or float16 outputs give float32
+    losses.
 
     Args:
         tasks: Maps each task name to its kind or its per-sample loss, in task order.
+
+    Attributes:
+        task_names: The task names, a tuple in task order.
+        loss_modules: The per-sample losses that are modules, an ``nn.ModuleDict``.
+
+    Raises:
+        ValueError: An unknown kind.
+        TypeError: ``tasks`` is not a mapping by task name.
 
     Example:
         >>> import torch
@@ -93,7 +110,11 @@ class MaskedMultiTaskLoss(nn.Module):
 
     @property
     def label_counts(self) -> Tensor:
-        """Labelled samples per task in the last call: float32 ``[K]`` on the outputs' device."""
+        """Labelled samples per task in the last call, a float32 ``[K]`` tensor.
+
+        It is on the outputs' device; pass it to the scheduler with the losses. Reading it
+        before the first call raises ``RuntimeError``.
+        """
         if self._label_counts is None:
             raise RuntimeError("MaskedMultiTaskLoss.label_counts is available after the first call")
         return self._label_counts
@@ -103,9 +124,24 @@ class MaskedMultiTaskLoss(nn.Module):
     ) -> Tensor:
         """Return the per-task mean losses over labelled samples, shape ``[K]``, in task order.
 
+        A task with no labelled sample in the batch gets exactly 0 and a zero gradient.
+
         Args:
-            outputs: Model outputs by task name (e.g. from :class:`~dstmtl.MultiHeadNet`).
-            targets: Targets by task name, or one ``[B, K]`` tensor in task order.
+            outputs: Model outputs by task name (e.g. from :class:`~dstmtl.MultiHeadNet`),
+                exactly the tasks.
+            targets: Targets by task name (exactly the tasks), or one ``[B, K]`` tensor in
+                task order. Such a tensor mixing kinds is floating: multiclass columns then
+                hold class indices as floats, with NaN or ``-1`` for a missing label.
+
+        Raises:
+            ValueError: Task names that differ from the outputs' or the targets', a
+                ``[B, K]`` tensor with the wrong number of columns, a wrong output or target
+                shape, or a callable that does not return one value per sample.
+            TypeError: ``outputs`` or ``targets`` that are not mappings by task name (for a
+                model returning one ``[B, K]`` tensor ``out``, pass ``{name: out[:, j] for
+                j, name in enumerate(loss_fn.task_names)}``), a binary or regression target
+                that is not floating point (convert it with ``.float()``), or a boolean
+                multiclass target.
         """
         check_mapping(
             outputs,

@@ -30,16 +30,33 @@ class MultiHeadNet(nn.Module):
     ``forward(x)`` returns a dict from task name to that task's output, in the order of
     ``heads``. By default every head reads the backbone's output; ``branches`` lets a head
     read an intermediate node of the backbone instead (e.g. ``"layer3"`` of a ResNet), so
-    that tasks can sit at different depths. The intermediate features are taken with
-    :func:`torchvision.models.feature_extraction.create_feature_extractor`.
+    that tasks can sit at different depths.
 
     Args:
         backbone: Any module mapping inputs to features.
         heads: Task name to head module; a head maps the features it reads to the task's
-            output.
+            output. Any mapping, an ``nn.ModuleDict`` such as another net's
+            ``heads`` included. Task names must be non-empty and free of ``.``, since they
+            name the submodules of ``heads``.
         branches: Task name to the backbone node its head reads (node names as listed by
-            :func:`torchvision.models.feature_extraction.get_graph_node_names`). Tasks not
-            named read the backbone's output.
+            :func:`torchvision.models.feature_extraction.get_graph_node_names`; a module's
+            name, e.g. ``"layer3"``, stands for its last node). Tasks not named read the
+            backbone's output. With branches, the backbone is replaced by the graph module
+            that :func:`~torchvision.models.feature_extraction.create_feature_extractor`
+            builds, so it must be traceable by :mod:`torch.fx`.
+
+    Attributes:
+        backbone: The backbone, or with ``branches`` its feature extractor.
+        heads: The heads, an ``nn.ModuleDict`` in task order.
+        branches: The ``branches`` given, a ``dict`` (empty without branches).
+
+    Raises:
+        TypeError: ``heads`` is not a mapping (for a list of modules pass
+            ``dict(zip(names, heads))``), or ``branches`` are given for a backbone that
+            :mod:`torch.fx` cannot trace (data-dependent control flow): drop ``branches`` or
+            make the backbone traceable.
+        ValueError: A task name is empty or holds ``.``, or ``branches`` name an unknown
+            task or node.
 
     Example:
         >>> import torch
@@ -88,9 +105,14 @@ class MultiHeadNet(nn.Module):
 
     @property
     def task_names(self) -> tuple[str, ...]:
+        """The task names, in the order of ``heads``."""
         return tuple(self.heads.keys())
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Run the backbone once and return each head's output by task name, in task order.
+
+        This is ``forward_heads(forward_features(x))``.
+        """
         return self.forward_heads(self.forward_features(x))
 
     def forward_features(self, x: Tensor) -> Tensor | dict[str, Tensor]:
@@ -103,7 +125,12 @@ class MultiHeadNet(nn.Module):
         return features
 
     def forward_heads(self, features: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
-        """Each head on the features it reads; the second half of :meth:`forward`."""
+        """Each head on the features it reads; the second half of :meth:`forward`.
+
+        Raises:
+            TypeError: ``features`` are neither a tensor nor, with ``branches``, a dict by
+                node, such as the namedtuple of a model with auxiliary logits.
+        """
         if isinstance(features, Tensor):
             return {name: head(features) for name, head in self.heads.items()}
         if not isinstance(features, dict) or self._output_node is None:
@@ -121,9 +148,16 @@ class MultiHeadNet(nn.Module):
     def depths(self) -> dict[str, int]:
         """Weight layers (conv, linear) on the longest path from the input to each output.
 
-        For torchvision's ``resnet18`` with one ``nn.Linear`` head on the pooled features
-        this is 18: 17 convolutions and the head (the 1x1 shortcut convolutions run beside
-        two 3x3 convolutions, so they are not on the longest path).
+        Convolution and ``nn.Linear`` modules and ``F.conv1d/2d/3d`` and ``F.linear`` calls
+        count, read off a :mod:`torch.fx` trace of the backbone and the head. For
+        torchvision's ``resnet18`` with one ``nn.Linear`` head on the pooled features this
+        is 18: 17 convolutions and the head (the 1x1 shortcut convolutions run beside two
+        3x3 convolutions, so they are not on the longest path). Pass the net to
+        :class:`~dstmtl.metrics.NetworkDepth` to use these depths.
+
+        Raises:
+            TypeError: The backbone or a head cannot be traced (e.g. data-dependent control
+                flow); give :class:`~dstmtl.metrics.NetworkDepth` the depths explicitly.
         """
         backbone = weight_layer_depths(self.backbone)
         depths = {}
@@ -155,15 +189,29 @@ class MultiHeadNet(nn.Module):
         feature map first; its channel count is read from a dry run.
 
         Args:
-            name: A name accepted by :func:`torchvision.models.get_model`, e.g. ``"resnet18"``.
+            name: A classification model in :func:`torchvision.models.list_models`, e.g.
+                ``"resnet18"``.
             tasks: Task name to number of outputs (1 for binary and regression tasks, C for a
-                C-class task); a sequence of names means one output each. The auxiliary
-                classifiers of ``googlenet`` and ``inception_v3`` are turned off unless
-                ``aux_logits`` is given.
+                C-class task), each an integer (an ``int``, a numpy integer or an integer
+                scalar tensor); a sequence of names means one output each.
             weights: Passed to torchvision: a weights enum member, its name (``"DEFAULT"``,
                 ``"IMAGENET1K_V1"``) or ``None`` for random initialisation.
-            branches: As in :class:`MultiHeadNet`.
-            model_kwargs: Passed to :func:`torchvision.models.get_model`.
+            branches: As in :class:`MultiHeadNet`. A branched task's head is
+                ``AdaptiveAvgPool2d(1) -> Flatten -> Linear``, sized from a dry run on a
+                224x224 input.
+            model_kwargs: Passed to :func:`torchvision.models.get_model`. Unless they set
+                ``aux_logits``, the auxiliary classifiers of ``googlenet`` and
+                ``inception_v3`` (which would make the backbone return a namedtuple in
+                training mode) are turned off, with or without weights.
+
+        Raises:
+            ValueError: An unknown model, a model without an ``nn.Linear`` classifier
+                (SqueezeNet, detection and segmentation models), weights of another model or
+                an unknown weights name (the message lists the valid ones), or a count below 1.
+            TypeError: A count that is not an integer (``"binary"``, ``True``, ``2.0``), or a
+                bare string as ``tasks``.
+            RuntimeError: The weights file is not in torch's hub cache and cannot be
+                downloaded; the message says where torchvision looks for it.
 
         Example:
             >>> from dstmtl import MultiHeadNet

@@ -49,22 +49,39 @@ class TaskDropScheduler:
 
     Args:
         task_names: The tasks, in the order of the loss vector.
-        metrics: The enabled terms; their ``name`` attributes must differ.
-        metric_weights: :math:`\lambda_m` per metric, in the order of ``metrics``; equal
-            weights by default.
+        metrics: The enabled terms, :class:`~dstmtl.metrics.Metric` instances whose ``name``
+            attributes differ; at least one (``[Constant()]`` keeps every task).
+        metric_weights: :math:`\lambda_m \ge 0` per metric, in the order of ``metrics``,
+            with a positive sum; equal weights by default.
         loss_scaling: Scale each task's loss by :math:`w_j` after the warm-up epoch, so that
             every task starts from the same loss level. The terms use unscaled losses.
         min_active_tasks: At least this many tasks are kept in every draw: when fewer gates
             come up, the dropped tasks with the highest :math:`p_j` are switched back on.
-            ``0`` allows an update with every task dropped (its loss is then 0).
+            Between 0 and :math:`K`; ``0`` allows an update with every task dropped (its
+            loss is then 0).
         redraw_every: Draw new gates every this many calls instead of once per epoch (the
             paper's schedule). The probabilities still change only at :meth:`step`. The draw
             happens on the host inside the call, so this mode is not for compiled code.
         generator: The source of randomness for the draws: a ``torch.Generator`` (CPU), a
-            seed, or ``None`` for a generator seeded from torch's global generator.
+            seed, or ``None`` for a generator seeded from torch's global generator (so that
+            :func:`torch.manual_seed` makes the draws reproducible).
+
+    Raises:
+        ValueError: An empty or duplicated task list, no metrics, duplicate metric names, a
+            wrong number of metric weights, a negative weight or a zero sum,
+            ``min_active_tasks`` outside :math:`[0, K]`, ``redraw_every < 1``, or a
+            generator on another device than the CPU.
+        TypeError: A metric that is not a :class:`~dstmtl.metrics.Metric` instance, a single
+            metric not in a list (pass ``[Constant()]``), or a ``generator`` that is not an
+            ``int``, a ``torch.Generator`` or ``None``.
 
     Under :mod:`torch.distributed`, :meth:`step` sums the epoch statistics over all ranks
     and every rank adopts rank 0's gates, so the gates agree even with different seeds.
+
+    The read-outs (:attr:`keep_probabilities`, :attr:`gates`, :attr:`terms`, ...) are
+    properties returning plain Python values, dicts keyed by task name in task order. The
+    settings ``loss_scaling``, ``min_active_tasks`` and ``redraw_every`` are readable as
+    attributes.
 
     Example:
         >>> import torch
@@ -136,12 +153,28 @@ class TaskDropScheduler:
     ) -> Tensor:
         r"""Return :math:`\sum_j g_j w_j L_j` and record the losses for the epoch statistics.
 
+        Call this, :meth:`weighted_losses` or :meth:`kept_losses` once per step, not several
+        of them: each call records the losses. A dropped task contributes exactly 0, even
+        when its loss is NaN or infinite, and keeps a gradient path (with zero gradient).
+        The statistics are accumulated from the detached losses on their device and nothing
+        is read back to the host, so the call does not synchronise with the device and
+        compiles with ``torch.compile(fullgraph=True)`` (without ``redraw_every``).
+
         Args:
-            losses: Per-task losses, shape ``[K]``, in task order; or a mapping from task
-                name to a scalar loss, whose names are checked against the scheduler's.
+            losses: Per-task losses, shape ``[K]``, in task order, on any device and in any
+                floating dtype; or a mapping from task name to a scalar loss, whose names
+                are checked against the scheduler's.
             label_counts: Labelled samples per task in this batch, shape ``[K]``, e.g.
                 :attr:`MaskedMultiTaskLoss.label_counts`. A task with no labelled sample in
                 a step does not count towards its epoch mean. Non-finite losses never do.
+
+        Raises:
+            ValueError: ``losses`` or ``label_counts`` not of shape ``[K]``, or a mapping
+                whose names differ from the tasks (the message names the missing and the
+                unexpected ones).
+            TypeError: Losses that are not a floating-point tensor (or a mapping of them), or
+                ``label_counts`` that is not a tensor. These checks read only types, shapes
+                and dtypes.
         """
         return self.weighted_losses(losses, label_counts).sum()
 
@@ -207,12 +240,18 @@ class TaskDropScheduler:
                 or a tensor in task order). By default, the means of what the calls since
                 the last :meth:`step` recorded, summed over all ranks under
                 :mod:`torch.distributed`. NaN marks a task that was not measured. Given
-                means are used as they are: they are not summed over ranks, and the epoch's
-                label counts are 0.
+                means are used as they are: they are not summed over ranks, the recorded
+                sums are discarded, and the epoch's label counts are 0.
 
-        Without ``mean_losses``, warns (``UserWarning``) when no call since the last
-        :meth:`step` recorded a finite, labelled loss, since every task then counts as not
+        Without ``mean_losses``, warns (``UserWarning``, through ``warnings.warn``, so by
+        default once per calling line) when no call since the last :meth:`step` recorded a
+        finite, labelled loss (summed over ranks), since every task then counts as not
         measured: usually a sign that :meth:`step` is called more than once per epoch.
+
+        Raises:
+            ValueError: ``mean_losses`` that do not match the tasks, or a metric that returns
+                anything but a ``[K]`` tensor with values in ``[0, 1]``.
+            TypeError: ``mean_losses`` that is a string or not iterable.
         """
         if mean_losses is None:
             means, counts = self._collect_epoch()
@@ -252,6 +291,7 @@ class TaskDropScheduler:
 
     @property
     def task_names(self) -> tuple[str, ...]:
+        """The task names, in the order of the loss vector."""
         return self._task_names
 
     @property
@@ -279,7 +319,10 @@ class TaskDropScheduler:
 
     @property
     def terms(self) -> dict[str, dict[str, float]]:
-        """The last value of each metric's term, by metric name then task name."""
+        """The last value of each metric's term, by metric name then task name.
+
+        ``{}`` until the second :meth:`step`.
+        """
         return {name: self._as_dict(term) for name, term in self._terms.items()}
 
     @property
@@ -289,7 +332,7 @@ class TaskDropScheduler:
 
     @property
     def epoch_losses(self) -> dict[str, float]:
-        """The mean loss per task of the last completed epoch (NaN where not measured)."""
+        """The mean (unscaled) loss per task of the last completed epoch; NaN where not measured."""
         return self._as_dict(self._epoch_losses)
 
     @property
@@ -310,6 +353,9 @@ class TaskDropScheduler:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume, the random state included; tensors are on the CPU.
 
+        It includes the partial sums of an epoch in progress and each metric's
+        :meth:`~dstmtl.metrics.Metric.state_dict`, and holds only tensors, numbers, strings,
+        lists, dicts and ``None``, so it loads with ``torch.load(..., weights_only=True)``.
         Mid-epoch, the state holds this process's running sums; under
         :mod:`torch.distributed` save at epoch boundaries, where they are empty.
         """
@@ -343,6 +389,12 @@ class TaskDropScheduler:
 
         Like the schedulers in :mod:`torch.optim.lr_scheduler`, the settings (metric weights,
         loss scaling, minimum of active tasks, redraw period) come from the state too.
+
+        Raises:
+            ValueError: Other task names or metric names (or another metric order), or a
+                dict without the keys of a scheduler's state, such as a whole training
+                checkpoint or a model's ``state_dict()`` (the message lists the keys found
+                and those expected).
         """
         expected = list(self.state_dict())
         if any(key not in state_dict for key in expected):

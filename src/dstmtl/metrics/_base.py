@@ -26,7 +26,9 @@ class EpochStatistics:
             (``Lbar(e-1)`` when the task was measured then), NaN if there is none.
         baseline_losses: ``Lbar(0)``: the first finite, positive mean loss of each task,
             NaN while a task has none.
-        label_counts: Labelled samples seen per task during the epoch.
+        label_counts: Labelled samples seen per task during the epoch, summed over ranks; 0
+            when the per-step calls got no ``label_counts`` or :meth:`step
+            <dstmtl.TaskDropScheduler.step>` got ``mean_losses``.
     """
 
     task_names: tuple[str, ...]
@@ -42,9 +44,11 @@ class Metric(ABC):
 
     A metric is called by :class:`~dstmtl.TaskDropScheduler` at the end of every epoch after
     the warm-up epoch, with the :class:`EpochStatistics` of that epoch, and returns a tensor
-    of shape ``[K]``. The scheduler checks the shape and the range. A metric that keeps state
-    between epochs overrides :meth:`state_dict` and :meth:`load_state_dict` so that a resumed
-    run continues exactly where it stopped.
+    of shape ``[K]`` in task order, of any dtype and on any device (the scheduler converts
+    it to float64 on the CPU). The scheduler checks the shape and the range, raising
+    ``ValueError``, and accepts only instances of :class:`Metric` subclasses. A metric that
+    keeps state between epochs overrides :meth:`state_dict` and :meth:`load_state_dict` so
+    that a resumed run continues exactly where it stopped.
 
     Example:
         A term that keeps tasks with fewer labels more often:
@@ -59,7 +63,10 @@ class Metric(ABC):
     """
 
     name: ClassVar[str]
-    """Key of this term in :attr:`TaskDropScheduler.terms`; unique within one scheduler."""
+    """Key of this term in :attr:`~dstmtl.TaskDropScheduler.terms` and in the scheduler's state.
+
+    A class attribute; names must differ within one scheduler.
+    """
 
     @abstractmethod
     def __call__(self, stats: EpochStatistics) -> Tensor:
@@ -70,7 +77,10 @@ class Metric(ABC):
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned.
+
+        The default, for stateless metrics, raises ``ValueError`` for a non-empty dict.
+        """
         if state_dict:
             raise ValueError(
                 f"{type(self).__name__} is stateless but got state with keys {sorted(state_dict)}"

@@ -25,6 +25,9 @@ class LabelCount(Metric):
             a regression value; when it marks a missing class, pass
             ``loss_fn.count_labels(labels)`` instead
             (:meth:`~dstmtl.MaskedMultiTaskLoss.count_labels` knows each task's kind).
+            Counts must be non-negative with at least one positive (``ValueError``);
+            counts that do not match the scheduler's tasks raise ``ValueError`` at the first
+            evaluation.
 
     Example:
         >>> import torch

@@ -23,7 +23,10 @@ class NetworkDepth(Metric):
     Args:
         depths: The depths :math:`D_j`, as a mapping from task name, a sequence in the
             scheduler's task order, or a :class:`~dstmtl.MultiHeadNet` whose
-            :meth:`~dstmtl.MultiHeadNet.depths` are used.
+            :meth:`~dstmtl.MultiHeadNet.depths` are read once, here. Depths must be
+            positive (``ValueError``); depths that do not match the scheduler's tasks raise
+            ``ValueError`` at the first evaluation (the second :meth:`step
+            <dstmtl.TaskDropScheduler.step>`).
 
     Example:
         >>> from dstmtl import TaskDropScheduler

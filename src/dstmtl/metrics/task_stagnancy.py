@@ -37,8 +37,12 @@ class TaskStagnancy(Metric):
     is. A task without :math:`R_j` yet, or with :math:`R_j = 0`, gets :math:`s_j = 1`, and so
     does every task while :math:`\bar R = 0`.
 
+    Stateful: :meth:`state_dict` returns ``{"alpha": ..., "rates": ...}``, with ``rates``
+    ``None`` before the first evaluation.
+
     Args:
-        alpha: Weight of the newest rate in the moving average, in ``(0, 1]``.
+        alpha: Weight of the newest rate in the moving average, in ``(0, 1]``
+            (``ValueError`` otherwise).
 
     Example:
         >>> from dstmtl import TaskDropScheduler
