@@ -40,6 +40,8 @@ class MultiHeadNet(nn.Module):
         branches: Task name to the backbone node its head reads (node names as listed by
             :func:`torchvision.models.feature_extraction.get_graph_node_names`). Tasks not
             named read the backbone's output.
+        example_input: An input :meth:`depths` runs the forward on when given none (kept
+            as a plain attribute, outside the state dict).
 
     Example:
         >>> import torch
@@ -49,7 +51,7 @@ class MultiHeadNet(nn.Module):
         >>> net = MultiHeadNet(backbone, {"a": nn.Linear(8, 1), "b": nn.Linear(8, 3)})
         >>> {name: tuple(out.shape) for name, out in net(torch.randn(2, 3, 4)).items()}
         {'a': (2, 1), 'b': (2, 3)}
-        >>> net.depths()
+        >>> net.depths(torch.randn(2, 3, 4))
         {'a': 2, 'b': 2}
     """
 
@@ -59,6 +61,7 @@ class MultiHeadNet(nn.Module):
         heads: Mapping[str, nn.Module] | nn.ModuleDict,
         *,
         branches: Mapping[str, str] | None = None,
+        example_input: Tensor | None = None,
     ) -> None:
         super().__init__()
         check_mapping(
@@ -85,6 +88,8 @@ class MultiHeadNet(nn.Module):
             backbone, self._output_node = _feature_extractor(backbone, set(self.branches.values()))
         self.backbone = backbone
         self.heads = nn.ModuleDict(dict(heads.items()))
+        # A plain attribute, not a buffer: the state dict holds weights only.
+        self.example_input = example_input
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -118,24 +123,32 @@ class MultiHeadNet(nn.Module):
             for name, head in self.heads.items()
         }
 
-    def depths(self) -> dict[str, int]:
-        """Weight layers (conv, linear) on the longest path from the input to each output.
+    def depths(self, *args: Any, **kwargs: Any) -> dict[str, int]:
+        """Weight layers on the longest path from the input to each task's output.
 
-        For torchvision's ``resnet18`` with one ``nn.Linear`` head on the pooled features
-        this is 18: 17 convolutions and the head (the 1x1 shortcut convolutions run beside
-        two 3x3 convolutions, so they are not on the longest path).
+        Runs :meth:`forward` once on the example input given (the same arguments as
+        :meth:`forward`), or on ``example_input`` when none is given, in eval mode and
+        without grad, and follows every operation it runs. A weight layer is a convolution,
+        a matrix product or an embedding lookup with one learned operand (a parameter or a
+        view of one) and one computed from the input; attention counts its input
+        projection and its output projection. For torchvision's ``resnet18`` with one
+        ``nn.Linear`` head this is 18: 17 convolutions and the head (the 1x1 shortcut
+        convolutions run beside two 3x3 convolutions, so they are not on the longest path).
+
+        Raises ``TypeError`` when there is no example input, or when the depth cannot be
+        read (e.g. a parameter used in an operation the count does not classify).
         """
-        backbone = weight_layer_depths(self.backbone)
-        depths = {}
-        for name, head in self.heads.items():
-            head_depth = weight_layer_depths(head)
-            assert isinstance(head_depth, int)
-            if isinstance(backbone, dict):
-                assert self._output_node is not None
-                depths[name] = backbone[self.branches.get(name, self._output_node)] + head_depth
-            else:
-                depths[name] = backbone + head_depth
-        return depths
+        if not args and not kwargs:
+            if self.example_input is None:
+                raise TypeError(
+                    "MultiHeadNet.depths needs an example input to run the forward on; pass "
+                    "one, e.g. net.depths(torch.zeros(1, 3, 224, 224)), or build the net "
+                    "with example_input=..."
+                )
+            parameter = next(self.parameters(), None)
+            device = None if parameter is None else parameter.device
+            args = (self.example_input.to(device),)
+        return weight_layer_depths(self, args, kwargs)
 
     @classmethod
     def from_torchvision(
@@ -200,7 +213,7 @@ class MultiHeadNet(nn.Module):
                 )
             else:
                 heads[task] = nn.Linear(classifier.in_features, width)
-        return cls(backbone, heads, branches=branches)
+        return cls(backbone, heads, branches=branches, example_input=torch.zeros(1, 3, 224, 224))
 
 
 def _feature_extractor(backbone: nn.Module, nodes: set[str]) -> tuple[nn.Module, str]:
