@@ -91,6 +91,10 @@ _ELEMENTWISE = frozenset(
         "native_batch_norm",
         "_native_batch_norm_legit",
         "_native_batch_norm_legit_no_training",
+        "_batch_norm_with_update",
+        "_batch_norm_no_update",
+        "cudnn_batch_norm",
+        "miopen_batch_norm",
         "_fused_rms_norm",
         "_weight_norm_interface",
     }
@@ -141,7 +145,7 @@ class _NoFastPath(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class _DataFlow(TorchDispatchMode):  # type: ignore[no-untyped-call]  # untyped in torch
+class _DataFlow(TorchDispatchMode):  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch
     """Records, per storage, the longest weight path from the input to what it holds.
 
     Records are kept by storage, not by tensor, so that a view (a slice, a transpose) reads
@@ -151,9 +155,9 @@ class _DataFlow(TorchDispatchMode):  # type: ignore[no-untyped-call]  # untyped 
     """
 
     def __init__(self, parameters: Iterable[Tensor], inputs: Iterable[Any]) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()  # type: ignore[no-untyped-call, unused-ignore]
         # Every storage seen is kept alive, so that no new one reuses a recorded address.
-        self._alive: list[torch.UntypedStorage] = []
+        self._alive: dict[int, torch.UntypedStorage] = {}
         self._records: dict[int, int] = {}
         for parameter in parameters:
             self._records[self._key(parameter)] = _LEARNED
@@ -162,9 +166,15 @@ class _DataFlow(TorchDispatchMode):  # type: ignore[no-untyped-call]  # untyped 
                 self._records[self._key(value)] = 0
 
     def _key(self, tensor: Tensor) -> int:
-        storage = tensor.untyped_storage()
-        self._alive.append(storage)
+        try:
+            storage = tensor.untyped_storage()
+        except (NotImplementedError, RuntimeError) as error:  # sparse, nested tensors
+            raise TypeError(
+                f"cannot read the network depth through a {tensor.layout} tensor without a "
+                f"plain storage ({error}); " + EXPLICIT_DEPTHS
+            ) from error
         key: int = storage._cdata
+        self._alive.setdefault(key, storage)
         return key
 
     def _record(self, tensor: Tensor) -> int | None:
@@ -179,7 +189,14 @@ class _DataFlow(TorchDispatchMode):  # type: ignore[no-untyped-call]  # untyped 
     ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        records = [self._record(t) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        leaves = tree_leaves((args, kwargs))
+        if any(isinstance(leaf, torch.ScriptObject) for leaf in leaves):
+            raise TypeError(
+                f"cannot read the network depth: the operation {func} takes packed weights "
+                "(a quantized or prepacked layer), which the count cannot follow; "
+                + EXPLICIT_DEPTHS
+            )
+        records = [self._record(t) for t in leaves if isinstance(t, Tensor)]
         depths = [r for r in records if r is not None and r != _LEARNED]
         if depths:
             depth = max(depths) + self._own_depth(func, args, _LEARNED in records)

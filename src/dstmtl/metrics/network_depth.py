@@ -70,7 +70,7 @@ def _multihead_net(module: nn.Module) -> MultiHeadNet:
             inner = found.module
         if not isinstance(inner, nn.Module):
             raise TypeError(
-                f"NetworkDepth takes depths or a MultiHeadNet, got {type(module).__name__}; "
+                f"NetworkDepth takes depths or a MultiHeadNet, got {type(found).__name__}; "
                 "pass the depths explicitly, e.g. NetworkDepth({'task': 18, ...})"
             )
         found = inner
