@@ -108,6 +108,8 @@ def test_multihead_attention_is_two_layers(cross: bool, need_weights: bool) -> N
 
 def test_elementwise_parameters_and_activation_products_are_no_layers() -> None:
     class Block(nn.Module):
+        fixed: Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.linear = nn.Linear(4, 4)
