@@ -238,9 +238,9 @@ def test_the_example_input_is_no_state_and_the_probe_changes_nothing() -> None:
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # BN stats too
 
 
-def test_the_example_input_follows_the_net_to_its_device() -> None:
+def test_the_example_input_follows_the_net_to_its_device_and_dtype() -> None:
     net = MultiHeadNet(nn.Linear(4, 4), {"a": nn.Linear(4, 1)}, example_input=torch.zeros(1, 4))
-    net.to("meta")
+    net.to("meta", torch.float64)
     assert net.depths() == {"a": 2}
     assert net.example_input is not None
     assert net.example_input.device.type == "cpu"

@@ -145,9 +145,11 @@ class MultiHeadNet(nn.Module):
                     "one, e.g. net.depths(torch.zeros(1, 3, 224, 224)), or build the net "
                     "with example_input=..."
                 )
+            args = (self.example_input,)
             parameter = next(self.parameters(), None)
-            device = None if parameter is None else parameter.device
-            args = (self.example_input.to(device),)
+            if parameter is not None:  # the net may have moved since it was built
+                float_dtype = parameter.dtype if self.example_input.is_floating_point() else None
+                args = (self.example_input.to(parameter.device, float_dtype),)
         return weight_layer_depths(self, args, kwargs)
 
     @classmethod
