@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from dstmtl import MultiHeadNet
@@ -160,6 +161,43 @@ def test_a_frozen_feature_extractor_is_counted() -> None:
 
     net = MultiHeadNet(Frozen(), {"a": nn.Linear(4, 1)})
     assert net.depths(torch.zeros(1, 3, 5, 5)) == {"a": 3}
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad:UserWarning")
+def test_checkpointed_layers_are_counted() -> None:
+    # Reentrant checkpointing runs the layers without grad: autograd would not see them.
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+
+        def forward(self, x: Tensor) -> Tensor:
+            out: Tensor = checkpoint(self.layers, x, use_reentrant=True)
+            return out
+
+    net = MultiHeadNet(Checkpointed(), {"a": nn.Linear(4, 1)})
+    assert net.depths(torch.zeros(1, 4)) == {"a": 3}
+
+
+def test_writes_into_a_preallocated_tensor_and_computed_weights_are_followed() -> None:
+    class Preallocated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.short = nn.Linear(4, 2)
+            self.long = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = x.new_zeros(len(x), 4)
+            out[:, :2] = self.short(x)  # written through views of out
+            out[:, 2:] = self.long(x)
+            return out
+
+    net = MultiHeadNet(Preallocated(), {"a": nn.Linear(4, 1)})
+    assert net.depths(torch.zeros(1, 4)) == {"a": 3}
+    # The weight is computed from two parameters, g * v / |v|; still one layer.
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+    net = MultiHeadNet(normed, {"a": nn.Linear(4, 1)})
+    assert net.depths(torch.zeros(1, 4)) == {"a": 2}
 
 
 def test_an_output_without_a_weight_layer_is_refused() -> None:
