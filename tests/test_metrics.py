@@ -102,7 +102,8 @@ def test_metric_weights_weight_the_mean() -> None:
 def test_network_depth_from_a_multihead_net() -> None:
     backbone = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
     deep_head = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
-    net = MultiHeadNet(backbone, {"a": nn.Linear(4, 1), "b": deep_head})
+    example = torch.zeros(1, 4)
+    net = MultiHeadNet(backbone, {"a": nn.Linear(4, 1), "b": deep_head}, example_input=example)
     assert net.depths() == {"a": 3, "b": 4}
     scheduler = TaskDropScheduler(["a", "b"], [NetworkDepth(net)], generator=0)
     scheduler.step([1.0, 1.0])

@@ -109,16 +109,6 @@ def test_bad_arguments() -> None:
         MultiHeadNet.from_torchvision("squeezenet1_0", ["a"])
 
 
-def test_untraceable_backbone_asks_for_explicit_depths() -> None:
-    class DataDependent(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x if x.sum() > 0 else -x
-
-    net = MultiHeadNet(DataDependent(), {"a": nn.Linear(2, 1)})
-    with pytest.raises(TypeError, match="pass the depths explicitly"):
-        net.depths()
-
-
 def test_from_torchvision_refuses_a_bare_string_of_tasks() -> None:
     with pytest.raises(TypeError, match="got the string 'male'"):
         MultiHeadNet.from_torchvision("resnet18", "male")

@@ -44,11 +44,14 @@ class MultiHeadNet(nn.Module):
             backbone's output. With branches, the backbone is replaced by the graph module
             that :func:`~torchvision.models.feature_extraction.create_feature_extractor`
             builds, so it must be traceable by :mod:`torch.fx`.
+        example_input: An input :meth:`depths` runs the forward on when given none (kept
+            as a plain attribute, outside the state dict).
 
     Attributes:
         backbone: The backbone, or with ``branches`` its feature extractor.
         heads: The heads, an ``nn.ModuleDict`` in task order.
         branches: The ``branches`` given, a ``dict`` (empty without branches).
+        example_input: The ``example_input`` given, or ``None``.
 
     Raises:
         TypeError: ``heads`` is not a mapping (for a list of modules pass
@@ -66,7 +69,7 @@ class MultiHeadNet(nn.Module):
         >>> net = MultiHeadNet(backbone, {"a": nn.Linear(8, 1), "b": nn.Linear(8, 3)})
         >>> {name: tuple(out.shape) for name, out in net(torch.randn(2, 3, 4)).items()}
         {'a': (2, 1), 'b': (2, 3)}
-        >>> net.depths()
+        >>> net.depths(torch.randn(2, 3, 4))
         {'a': 2, 'b': 2}
     """
 
@@ -76,6 +79,7 @@ class MultiHeadNet(nn.Module):
         heads: Mapping[str, nn.Module] | nn.ModuleDict,
         *,
         branches: Mapping[str, str] | None = None,
+        example_input: Tensor | None = None,
     ) -> None:
         super().__init__()
         check_mapping(
@@ -102,6 +106,8 @@ class MultiHeadNet(nn.Module):
             backbone, self._output_node = _feature_extractor(backbone, set(self.branches.values()))
         self.backbone = backbone
         self.heads = nn.ModuleDict(dict(heads.items()))
+        # A plain attribute, not a buffer: the state dict holds weights only.
+        self.example_input = example_input
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -145,31 +151,37 @@ class MultiHeadNet(nn.Module):
             for name, head in self.heads.items()
         }
 
-    def depths(self) -> dict[str, int]:
-        """Weight layers (conv, linear) on the longest path from the input to each output.
+    def depths(self, *args: Any, **kwargs: Any) -> dict[str, int]:
+        """Weight layers on the longest path from the input to each task's output.
 
-        Convolution and ``nn.Linear`` modules and ``F.conv1d/2d/3d`` and ``F.linear`` calls
-        count, read off a :mod:`torch.fx` trace of the backbone and the head. For
-        torchvision's ``resnet18`` with one ``nn.Linear`` head on the pooled features this
-        is 18: 17 convolutions and the head (the 1x1 shortcut convolutions run beside two
-        3x3 convolutions, so they are not on the longest path). Pass the net to
-        :class:`~dstmtl.metrics.NetworkDepth` to use these depths.
+        Runs :meth:`forward` once on the example input given (the same arguments as
+        :meth:`forward`), or on ``example_input`` when none is given, in eval mode and
+        without grad, and follows every operation it runs. A weight layer is a convolution,
+        a matrix product or an embedding lookup with one learned operand (a parameter or a
+        view of one) and one computed from the input; attention counts its input
+        projection and its output projection. For torchvision's ``resnet18`` with one
+        ``nn.Linear`` head this is 18: 17 convolutions and the head (the 1x1 shortcut
+        convolutions run beside two 3x3 convolutions, so they are not on the longest path).
+        Pass the net to :class:`~dstmtl.metrics.NetworkDepth` to use these depths.
 
         Raises:
-            TypeError: The backbone or a head cannot be traced (e.g. data-dependent control
-                flow); give :class:`~dstmtl.metrics.NetworkDepth` the depths explicitly.
+            TypeError: There is no example input, or the depth cannot be read (e.g. a
+                parameter used in an operation the count does not classify); give
+                :class:`~dstmtl.metrics.NetworkDepth` the depths explicitly.
         """
-        backbone = weight_layer_depths(self.backbone)
-        depths = {}
-        for name, head in self.heads.items():
-            head_depth = weight_layer_depths(head)
-            assert isinstance(head_depth, int)
-            if isinstance(backbone, dict):
-                assert self._output_node is not None
-                depths[name] = backbone[self.branches.get(name, self._output_node)] + head_depth
-            else:
-                depths[name] = backbone + head_depth
-        return depths
+        if not args and not kwargs:
+            if self.example_input is None:
+                raise TypeError(
+                    "MultiHeadNet.depths needs an example input to run the forward on; pass "
+                    "one, e.g. net.depths(torch.zeros(1, 3, 224, 224)), or build the net "
+                    "with example_input=..."
+                )
+            args = (self.example_input,)
+            parameter = next(self.parameters(), None)
+            if parameter is not None:  # the net may have moved since it was built
+                float_dtype = parameter.dtype if self.example_input.is_floating_point() else None
+                args = (self.example_input.to(parameter.device, float_dtype),)
+        return weight_layer_depths(self, args, kwargs)
 
     @classmethod
     def from_torchvision(
@@ -248,7 +260,7 @@ class MultiHeadNet(nn.Module):
                 )
             else:
                 heads[task] = nn.Linear(classifier.in_features, width)
-        return cls(backbone, heads, branches=branches)
+        return cls(backbone, heads, branches=branches, example_input=torch.zeros(1, 3, 224, 224))
 
 
 def _feature_extractor(backbone: nn.Module, nodes: set[str]) -> tuple[nn.Module, str]:

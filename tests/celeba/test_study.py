@@ -21,7 +21,8 @@ TASKS = ("a", "b", "c")
 
 def tiny_model() -> MultiHeadNet:
     backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return MultiHeadNet(backbone, {task: nn.Linear(4, 1) for task in TASKS})
+    heads = {task: nn.Linear(4, 1) for task in TASKS}
+    return MultiHeadNet(backbone, heads, example_input=torch.zeros(1, 3, 8, 8))
 
 
 def random_split(seed: int, batches: int) -> list[tuple[Tensor, Tensor]]:
