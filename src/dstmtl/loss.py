@@ -131,7 +131,7 @@ class MaskedMultiTaskLoss(nn.Module):
         any_pos_weight = any(builtin.pos_weight is not None for _, builtin in builtins)
         for j, builtin in builtins:
             if builtin.class_weights is not None:
-                weights = torch.tensor(builtin.class_weights, dtype=torch.float32)
+                weights = torch.tensor(builtin.class_weights)
                 self.register_buffer(f"class_weights_{j}", weights, persistent=False)
             if any_pos_weight and builtin.kind == "binary":
                 value = 1.0 if builtin.pos_weight is None else builtin.pos_weight
