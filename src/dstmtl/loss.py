@@ -179,9 +179,10 @@ class MaskedMultiTaskLoss(nn.Module):
             output, target = outputs[name], columns[name]
             if isinstance(spec, _Builtin):
                 output, target = spec.pair(output, target, name, batch)
-                groups.setdefault(spec.group_key(output), _Group(spec.kind)).add(
-                    j, name, output, target
-                )
+                key = spec.group_key(output)
+                if key not in groups:
+                    groups[key] = _Group(spec.kind)
+                groups[key].add(j, name, output, target)
             else:
                 target = _per_sample_target(target, name, batch)
                 per_task[j], counts[j] = _masked_means(
@@ -265,12 +266,7 @@ class MaskedMultiTaskLoss(nn.Module):
             )
         else:
             losses = F.mse_loss(output, safe_target, reduction="none")
-        losses = torch.where(labelled, losses, 0.0)
-        dims = _all_but_task_dim(losses)
-        return (
-            _mean(losses.sum(dim=dims), labelled.sum(dim=dims).to(dtype)),
-            _labelled_samples(labelled, every=False, tasks=True),
-        )
+        return _reduce(torch.where(labelled, losses, 0.0), labelled)
 
     def _multiclass_losses(self, group: _Group) -> tuple[Tensor, Tensor]:
         output = _stack(group.outputs, dim=2)  # [B, C, K, *]
@@ -297,17 +293,10 @@ class MaskedMultiTaskLoss(nn.Module):
         except IndexError as error:
             raise _class_index_error(group, output.shape[1], error) from error
         labelled = target != _MISSING_CLASS
-        dims = _all_but_task_dim(losses)
         if weights is None:
-            denominators = labelled.sum(dim=dims).to(dtype)
-        else:
-            # As reduction="mean" with weight: divided by the weights of the labelled targets.
-            class_weights = weights[target.clamp(min=0)]
-            denominators = torch.where(labelled, class_weights, 0.0).sum(dim=dims)
-        return (
-            _mean(losses.sum(dim=dims), denominators),
-            _labelled_samples(labelled, every=False, tasks=True),
-        )
+            return _reduce(losses, labelled)
+        # As reduction="mean" with weight: divided by the weights of the labelled targets.
+        return _reduce(losses, labelled, torch.where(labelled, weights[target.clamp(min=0)], 0.0))
 
     def _pos_weight(
         self, indices: list[int], shape: Sequence[int], dtype: torch.dtype
@@ -477,15 +466,26 @@ def _loss_dtype(output: Tensor) -> torch.dtype:
     return torch.promote_types(output.dtype, torch.float32)
 
 
-def _all_but_task_dim(losses: Tensor) -> list[int]:
-    """Every dimension of ``[B, K, *]`` element losses except the task dimension 1."""
-    return [0, *range(2, losses.dim())]
+def _reduce(
+    losses: Tensor, labelled: Tensor, element_weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per task of ``[B, K, *]`` element losses (0 where missing): the mean and the samples.
 
-
-def _mean(total: Tensor, denominator: Tensor) -> Tensor:
-    """``total / denominator``, and 0 (with a gradient path to ``total``) where it is 0."""
-    present = denominator > 0
-    return torch.where(present, total, 0.0) / torch.where(present, denominator, 1.0)
+    The mean divides by the labelled elements, or by their summed ``element_weights``; the
+    samples (float32) are those with a labelled element. A task without any gives 0, with a
+    gradient path to its losses.
+    """
+    samples = _labelled_samples(labelled, every=False, tasks=True)
+    dims = [0, *range(2, losses.dim())]
+    total = losses.sum(dim=dims)
+    if element_weights is not None:
+        # Also 0 where all labelled elements weigh 0, where F.cross_entropy gives NaN.
+        weight_sums = element_weights.sum(dim=dims)
+        present = weight_sums > 0
+        return torch.where(present, total, 0.0) / torch.where(present, weight_sums, 1.0), samples
+    # One element per sample ([B, K]): the sample counts are the element counts.
+    elements = samples if labelled.dim() == 2 else labelled.sum(dim=dims)
+    return total / elements.clamp(min=1), samples
 
 
 def _labelled_samples(labelled: Tensor, *, every: bool, tasks: bool = False) -> Tensor:
@@ -513,9 +513,8 @@ def _masked_means(
     losses = per_sample(outputs, torch.where(labelled, targets, torch.zeros_like(targets)))
     samples = _labelled_samples(labelled, every=True)
     losses = torch.where(samples, losses, 0.0)
-    dtype = _loss_dtype(losses)
     counts = samples.sum(dtype=torch.float32)
-    return _mean(losses.sum(dtype=dtype), counts.to(dtype)), counts
+    return losses.sum(dtype=_loss_dtype(losses)) / counts.clamp(min=1), counts
 
 
 def _labelled_entries(targets: Tensor) -> Tensor:
