@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -486,6 +487,8 @@ def test_option_tensors_follow_the_module_and_are_not_saved() -> None:
     assert loss.get_buffer("class_weights_0").dtype == torch.float64
     assert loss.get_buffer("pos_weight_1").tolist() == [2.0, 5.0]
     assert loss.get_buffer("pos_weight_2").item() == 1.0
+    moved = copy.deepcopy(loss).to("meta")
+    assert moved.get_buffer("pos_weight_1").device == torch.device("meta")
     outputs = {"c": torch.zeros(2, 2), "b": torch.zeros(2, 2), "a": torch.zeros(2)}
     targets = {
         "c": torch.tensor([1, -1]),
@@ -522,6 +525,49 @@ def test_the_loss_with_dense_tasks_compiles_as_one_graph() -> None:
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(outputs, targets), loss(outputs, targets))
     torch.testing.assert_close(loss.label_counts, torch.tensor([2.0, 3.0, 3.0, 2.0]))
+
+
+def test_dense_losses_never_read_device_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a tensor's value on the host is what synchronises with a GPU; forbid it."""
+    loss = MaskedMultiTaskLoss(
+        {
+            "seg": Task("multiclass", outputs=4, class_weights=[1, 2, 3, 4], label_smoothing=0.1),
+            "seg2": "multiclass",
+            "mask": Task("binary", pos_weight=2.0),
+            "tags": Task("binary", outputs=3, pos_weight=[1.0, 2.0, 3.0]),
+            "depth": "regression",
+            "age": "regression",
+        }
+    )
+    logits, seg = segmentation_batch(8)
+    outputs = {
+        "seg": logits.float().requires_grad_(),
+        "seg2": logits.float().requires_grad_(),
+        "mask": logits[:, 0].float().requires_grad_(),
+        "tags": logits[:, :3, 0, 0].float().requires_grad_(),
+        "depth": logits[:, :1].float().requires_grad_(),
+        "age": logits[:, 0, 0, 0].float().requires_grad_(),
+    }
+    targets = {
+        "seg": seg.to(torch.int16),
+        "seg2": torch.where(seg == 0, NAN, seg.double()),
+        "mask": torch.where(seg == 1, NAN, 1.0),
+        "tags": torch.tensor([[1.0, NAN, 0.0], [NAN] * 3, [0.0, 1.0, 1.0]]),
+        "depth": torch.where(seg == 2, NAN, 0.5),
+        "age": torch.tensor([NAN, 2.0, 3.0]),
+    }
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("host read of a tensor value in the per-step path")
+
+    for method in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "nonzero"):
+        monkeypatch.setattr(Tensor, method, forbidden)
+    result = loss(outputs, targets)
+    result.sum().backward()
+    counts = loss.label_counts
+    monkeypatch.undo()
+    assert torch.isfinite(result).all()
+    assert counts.tolist() == [2.0, 2.0, 3.0, 2.0, 3.0, 2.0]
 
 
 def test_count_labels_of_dense_tasks() -> None:
