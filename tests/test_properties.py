@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dstmtl import MaskedMultiTaskLoss, TaskDropScheduler
+from dstmtl import MaskedMultiTaskLoss, Task, TaskDropScheduler
 from dstmtl.metrics import (
     Constant,
     LabelCount,
@@ -141,3 +141,85 @@ def test_masked_loss_equals_the_plain_loss_over_labelled_samples(
         else:
             assert result[j].item() == 0.0
         assert loss.label_counts[j].item() == labelled.sum().item()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)),
+    st.integers(2, 4),
+    st.booleans(),
+    st.sampled_from([0.0, 0.1, 0.5]),
+    st.one_of(st.none(), st.floats(0.125, 10.0, width=32)),
+    st.floats(0.0, 1.0),
+    st.integers(0, 2**31 - 1),
+)
+def test_dense_masked_losses_equal_the_plain_losses_over_labelled_elements(
+    maps: tuple[int, int, int],
+    classes: int,
+    weighted: bool,
+    label_smoothing: float,
+    pos_weight: float | None,
+    missing: float,
+    seed: int,
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    # Option tensors hold the default dtype, float32: weights it represents exactly.
+    weights = (torch.rand(classes, generator=generator) + 0.1).double()
+    segmentation = Task(
+        "multiclass",
+        outputs=classes,
+        class_weights=weights if weighted else None,
+        label_smoothing=label_smoothing,
+    )
+    tasks = {
+        "seg": segmentation,
+        "seg2": segmentation,  # same shape and options: computed with "seg"
+        "mask": Task("binary", pos_weight=pos_weight),
+        "depth": Task("regression"),
+        "depth2": Task("regression"),
+    }
+    batch, height, width = maps
+
+    def outputs_of(channels: int) -> torch.Tensor:
+        return torch.randn(batch, channels, height, width, generator=generator, dtype=torch.float64)
+
+    def absent() -> torch.Tensor:
+        return torch.rand(maps, generator=generator) < missing
+
+    outputs = {name: outputs_of(classes if name.startswith("seg") else 1) for name in tasks}
+    targets = {
+        name: torch.randint(0, classes, maps, generator=generator).masked_fill(absent(), -1)
+        for name in ("seg", "seg2")
+    }
+    targets["mask"] = (torch.rand(maps, generator=generator) < 0.5).double()
+    targets["depth"] = torch.randn(maps, generator=generator, dtype=torch.float64)
+    targets["depth2"] = torch.randn(maps, generator=generator, dtype=torch.float64)
+    for name in ("mask", "depth", "depth2"):
+        targets[name] = targets[name].masked_fill(absent(), math.nan)
+    loss = MaskedMultiTaskLoss(tasks)
+    result = loss(outputs, targets)
+
+    for j, name in enumerate(tasks):
+        target = targets[name]
+        labelled = target != -1 if name.startswith("seg") else ~target.isnan()
+        if not labelled.any():
+            expected = torch.tensor(0.0)
+        elif name.startswith("seg"):
+            expected = F.cross_entropy(
+                outputs[name].movedim(1, -1)[labelled],  # [labelled pixels, C]
+                target[labelled],
+                weight=weights if weighted else None,
+                label_smoothing=label_smoothing,
+            )
+        elif name == "mask":
+            expected = F.binary_cross_entropy_with_logits(
+                outputs[name][:, 0][labelled],
+                target[labelled],
+                pos_weight=None if pos_weight is None else torch.tensor(pos_weight).double(),
+            )
+        else:
+            expected = F.mse_loss(outputs[name][:, 0][labelled], target[labelled])
+        assert math.isclose(result[j].item(), expected.item(), rel_tol=1e-9, abs_tol=1e-12), name
+        samples = labelled.flatten(1).any(dim=1).sum().item()
+        assert loss.label_counts[j].item() == samples, name
+        assert loss.count_labels(targets)[name] == samples, name
