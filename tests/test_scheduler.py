@@ -405,3 +405,30 @@ def test_float64_losses_keep_their_loss_weights_exact() -> None:
     weighted = scheduler.weighted_losses(torch.tensor([0.3, 0.3], dtype=torch.float64))
     assert weighted.dtype == torch.float64
     assert weighted.tolist() == [2 * 0.3, 2 / 3 * 0.3]
+
+
+def test_a_state_dict_of_dstmtl_0_1_still_loads() -> None:
+    # dstmtl 0.1 saved 3 rows of running sums and none of the newer record fields.
+    def make() -> TaskDropScheduler:
+        return TaskDropScheduler(
+            ["a", "b", "c"], [TaskIncompleteness(), Constant()], redraw_every=2, generator=3
+        )
+
+    original = make()
+    for epoch in range(3):
+        for step in range(3):
+            original(torch.tensor([1.0, 2.0, 3.0]) / (1 + epoch + step))
+        original.step()
+    original(torch.tensor([0.5, 0.5, 0.5]))
+    old = original.state_dict()
+    for key in ("epoch_mean", "epochs", "cooldown_epochs", "units_this_epoch"):
+        del old[key]
+    for key in ("dropped_all_epoch", "dropped_loss_rise"):
+        del old[key]
+    old["accumulator"] = old["accumulator"][:3]
+    resumed = make()
+    resumed.load_state_dict(old)
+    for _ in range(5):
+        losses = torch.rand(3)
+        assert resumed(losses).item() == original(losses).item()
+    assert resumed.step() == original.step()
