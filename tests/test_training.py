@@ -191,3 +191,31 @@ def test_the_per_step_path_compiles_as_one_graph_under_bfloat16_autocast() -> No
     scheduler.step()
     reference.step()
     assert scheduler.epoch_losses == pytest.approx(reference.epoch_losses)
+
+
+def test_a_compiled_step_compiles_once() -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = toy_model()
+    loss_fn = MaskedMultiTaskLoss(dict.fromkeys(TASKS, "binary"))
+    scheduler = TaskDropScheduler(TASKS, [Fixed()], generator=0).to("cpu")
+    counter = CompileCounter()
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def training_loss(x: Tensor, y: Tensor) -> Tensor:
+        losses = loss_fn(model(x), y)
+        return scheduler(losses, loss_fn.label_counts)
+
+    x, y = toy_data(64, seed=8)
+    totals = []
+    for _ in range(3):  # the warm-up, the second epoch, then the gates of Fixed
+        for _ in range(2):
+            totals.append(training_loss(x, y))
+        scheduler.step()
+    assert scheduler.active_tasks == ("t0", "t2")
+    total = training_loss(x, y)
+    assert counter.frame_count == 1
+    losses = loss_fn(model(x), y)
+    assert torch.allclose(total, losses[0] + losses[2])
+    assert torch.allclose(totals[0], losses.sum())
