@@ -432,3 +432,32 @@ def test_a_state_dict_of_dstmtl_0_1_still_loads() -> None:
         losses = torch.rand(3)
         assert resumed(losses).item() == original(losses).item()
     assert resumed.step() == original.step()
+
+
+def test_log_dict_is_flat_with_stable_keys_and_step_returns_it() -> None:
+    scheduler = TaskDropScheduler(
+        ["a", "b"], [TaskIncompleteness(), Constant()], loss_scaling=True, generator=0
+    )
+    scheduler(torch.tensor([1.0, 3.0]), torch.tensor([4, 2]))
+    first = scheduler.step()
+    assert first == scheduler.log_dict()
+    assert first == {
+        "epoch": 1.0,
+        "keep_probability/a": 1.0,
+        "keep_probability/b": 1.0,
+        "gate/a": 1.0,
+        "gate/b": 1.0,
+        "epoch_loss/a": 1.0,
+        "epoch_loss/b": 3.0,
+        "label_count/a": 4.0,
+        "label_count/b": 2.0,
+        "loss_weight/a": 2.0,
+        "loss_weight/b": 2 / 3,
+    }
+    second = scheduler.step([0.5, 3.0])  # A = [0.5, 1], mean 0.75: u = [2/3, 1]
+    assert second["term/task_incompleteness/a"] == pytest.approx(2 / 3)
+    assert second["term/constant/b"] == 1.0
+    assert second["keep_probability/a"] == pytest.approx(5 / 6)
+    assert second["epoch"] == 2.0
+    assert second["gate/a"] in (0.0, 1.0)
+    assert all(type(value) is float for value in second.values())
