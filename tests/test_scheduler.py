@@ -461,3 +461,49 @@ def test_log_dict_is_flat_with_stable_keys_and_step_returns_it() -> None:
     assert second["epoch"] == 2.0
     assert second["gate/a"] in (0.0, 1.0)
     assert all(type(value) is float for value in second.values())
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"min_active_tasks": 1.5}, r"min_active_tasks must be an int, between 0 and .*got 1\.5"),
+        ({"min_active_tasks": True}, r"min_active_tasks must be an int, .*got True \(bool\)"),
+        ({"redraw_every": 1.5}, r"redraw_every must be an int, 1 or more, or None, got 1\.5"),
+        ({"redraw_every": True}, r"redraw_every must be an int, .*got True \(bool\)"),
+        ({"loss_scaling": "no"}, r"loss_scaling must be True or False, got 'no' \(str\)"),
+        ({"loss_scaling": 1}, r"loss_scaling must be True or False, got 1 \(int\)"),
+        ({"epochs": 2.0}, r"epochs must be an int, 1 or more, or None, got 2\.0"),
+        ({"cooldown_epochs": None}, r"cooldown_epochs must be an int, 0 or more, got None"),
+    ],
+)
+def test_settings_of_the_wrong_type_are_refused_at_construction(
+    setting: dict[str, object], message: str
+) -> None:
+    with pytest.raises(TypeError, match=message):
+        TaskDropScheduler(["a", "b"], [Constant()], **setting)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"epochs": 0}, r"epochs must be 1 or more, got 0"),
+        ({"cooldown_epochs": -1}, r"cooldown_epochs must be 0 or more, got -1"),
+        ({"epoch_mean": "sample"}, r"epoch_mean must be one of \['step', 'label'\], got 'sample'"),
+    ],
+)
+def test_settings_out_of_range_are_refused_at_construction(
+    setting: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        TaskDropScheduler(["a", "b"], [Constant()], **setting)  # type: ignore[arg-type]
+
+
+def test_a_scheduler_without_a_seed_leaves_the_global_generator_alone() -> None:
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    first = TaskDropScheduler(["a", "b"], [Fixed([0.5, 0.5])])
+    assert torch.equal(torch.rand(4), expected)  # the model's weights and data order
+    second = TaskDropScheduler(["a", "b"], [Fixed([0.5, 0.5])])
+    states = [s.state_dict()["generator"] for s in (first, second)]
+    assert not torch.equal(*states)  # still a fresh seed each time
