@@ -507,3 +507,47 @@ def test_a_scheduler_without_a_seed_leaves_the_global_generator_alone() -> None:
     second = TaskDropScheduler(["a", "b"], [Fixed([0.5, 0.5])])
     states = [s.state_dict()["generator"] for s in (first, second)]
     assert not torch.equal(*states)  # still a fresh seed each time
+
+
+def test_attach_drops_a_shared_parameter_only_with_all_its_tasks() -> None:
+    shared, own_a, own_b = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
+    for gates, dropped in (([1.0, 0.0], {"b"}), ([0.0, 0.0], {"a", "b", "shared"})):
+        scheduler = TaskDropScheduler(["a", "b"], [Fixed(gates)], min_active_tasks=0)
+        scheduler.attach({"a": [shared, own_a], "b": [shared, own_b]})
+        scheduler.step([1.0, 1.0])
+        scheduler.step([1.0, 1.0])
+        for parameter in (shared, own_a, own_b):
+            parameter.grad = None
+        losses = torch.stack([(shared * own_a).sum(), (shared * own_b).sum()])
+        scheduler(losses).backward()
+        grads = {"shared": shared.grad, "a": own_a.grad, "b": own_b.grad}
+        assert {name for name, grad in grads.items() if grad is None} == dropped
+        scheduler.detach()
+
+
+def test_attach_follows_redraws_and_detach_restores_zero_gradients() -> None:
+    head = torch.nn.Linear(1, 1)
+    scheduler = TaskDropScheduler(["a", "b"], [Fixed([1.0, 0.0])], generator=0)
+    scheduler.attach({"b": head})
+    scheduler(torch.stack([torch.ones(()), head(torch.ones(1)).sum()])).backward()
+    assert head.weight.grad is not None  # the warm-up keeps every task
+    scheduler.step([1.0, 1.0])
+    scheduler.step([1.0, 1.0])
+    scheduler(torch.stack([torch.ones(()), head(torch.ones(1)).sum()])).backward()
+    assert head.weight.grad is None
+    scheduler.detach()
+    scheduler(torch.stack([torch.ones(()), head(torch.ones(1)).sum()])).backward()
+    assert head.weight.grad is not None
+    assert head.weight.grad.abs().sum().item() == 0.0
+
+
+def test_bad_attach() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Constant()])
+    with pytest.raises(TypeError, match=r"MultiHeadNet or a mapping .*, got Linear"):
+        scheduler.attach(torch.nn.Linear(1, 1))
+    with pytest.raises(ValueError, match=r"\['c'\] are not tasks of this scheduler"):
+        scheduler.attach({"c": torch.nn.Linear(1, 1)})
+    with pytest.raises(TypeError, match=r"parameters of task 'a' must be .*, got str"):
+        scheduler.attach({"a": "weights"})
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer, got Linear"):
+        scheduler.attach(optimizer=torch.nn.Linear(1, 1))  # type: ignore[arg-type]

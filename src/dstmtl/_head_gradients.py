@@ -8,8 +8,7 @@ The decision reads only the gates, which live on the host: no device synchronisa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,10 +21,7 @@ class HeadGradients:
     def __init__(self, owners: Sequence[tuple[nn.Parameter, frozenset[int]]]) -> None:
         self._owners = owners
         self._dropped: tuple[bool, ...] = ()
-        self._handles: list[RemovableHandle] = [
-            parameter.register_post_accumulate_grad_hook(self._hook(tasks))  # type: ignore[no-untyped-call]
-            for parameter, tasks in owners
-        ]
+        self._handles = [self._register(parameter, tasks) for parameter, tasks in owners]
 
     def update(self, gates: Tensor) -> None:
         """Follow new gates (a host bool tensor in task order)."""
@@ -44,12 +40,16 @@ class HeadGradients:
     def _all_dropped(self, tasks: frozenset[int]) -> bool:
         return bool(self._dropped) and all(self._dropped[j] for j in tasks)
 
-    def _hook(self, tasks: frozenset[int]) -> Any:
+    def _register(self, parameter: nn.Parameter, tasks: frozenset[int]) -> RemovableHandle:
         def hook(parameter: Tensor) -> None:
             if self._all_dropped(tasks):
                 parameter.grad = None
 
-        return hook
+        # torch does not annotate this method; the variable gives the call a type.
+        register: Callable[[Callable[[Tensor], None]], RemovableHandle] = (
+            parameter.register_post_accumulate_grad_hook
+        )
+        return register(hook)
 
 
 def owners_by_parameter(
