@@ -551,3 +551,33 @@ def test_bad_attach() -> None:
         scheduler.attach({"a": "weights"})
     with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer, got Linear"):
         scheduler.attach(optimizer=torch.nn.Linear(1, 1))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("redraw_every", [1, 2])
+def test_with_an_attached_optimizer_redraws_wait_for_optimizer_steps(redraw_every: int) -> None:
+    weights = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.SGD([weights], lr=0.1)
+    scheduler = TaskDropScheduler(
+        ["a", "b", "c", "d"],
+        [Fixed([0.5] * 4)],
+        redraw_every=redraw_every,
+        min_active_tasks=0,
+        generator=5,
+    )
+    scheduler.attach(optimizer=optimizer)
+    scheduler.step([1.0] * 4)
+    scheduler.step([1.0] * 4)
+    per_optimizer_step = []
+    for _ in range(12):
+        seen = set()
+        for _ in range(4):  # gradient accumulation: 4 micro-batches per optimizer step
+            scheduler(weights * 1.0).backward()
+            seen.add(tuple(scheduler.gates.values()))
+        optimizer.step()
+        optimizer.zero_grad()
+        assert len(seen) == 1  # one set of gates for every micro-batch of the step
+        per_optimizer_step.append(seen.pop())
+    pairs = per_optimizer_step[::redraw_every]
+    assert len(set(pairs)) > 2  # redrawn between optimizer steps
+    for start in range(0, 12, redraw_every):
+        assert len(set(per_optimizer_step[start : start + redraw_every])) == 1
