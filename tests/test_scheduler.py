@@ -581,3 +581,43 @@ def test_with_an_attached_optimizer_redraws_wait_for_optimizer_steps(redraw_ever
     assert len(set(pairs)) > 2  # redrawn between optimizer steps
     for start in range(0, 12, redraw_every):
         assert len(set(per_optimizer_step[start : start + redraw_every])) == 1
+
+
+def test_epoch_means_by_labelled_samples() -> None:
+    by_step = TaskDropScheduler(["a", "b"], [Constant()])
+    by_label = TaskDropScheduler(["a", "b"], [Constant()], epoch_mean="label")
+    for scheduler in (by_step, by_label):
+        scheduler(torch.tensor([1.0, 4.0]), torch.tensor([2, 1]))
+        scheduler(torch.tensor([3.0, math.nan]), torch.tensor([6, 1]))  # b's loss not finite
+        scheduler(torch.tensor([2.0, 2.0]), torch.tensor([0, 0]))  # nothing labelled
+        scheduler.step()
+    assert by_step.epoch_losses == {"a": 2.0, "b": 4.0}
+    assert by_label.epoch_losses == {"a": (1 * 2 + 3 * 6) / 8, "b": 4.0}
+    assert by_label.label_counts == {"a": 8.0, "b": 2.0}
+
+
+def test_epoch_means_by_label_need_the_label_counts() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Constant()], epoch_mean="label")
+    with pytest.raises(ValueError, match=r"pass them with the losses, scheduler\(losses, loss_fn"):
+        scheduler(torch.ones(2))
+
+
+def test_record_false_gates_without_recording_or_counting() -> None:
+    scheduler = TaskDropScheduler(
+        ["a", "b"], [Fixed([1.0, 0.0])], redraw_every=1, min_active_tasks=0, generator=0
+    )
+    scheduler.step([1.0, 1.0])
+    scheduler.step([1.0, 1.0])
+    assert scheduler.gates == {"a": True, "b": False}
+    state = scheduler.state_dict()
+    for method in (scheduler, scheduler.weighted_losses, scheduler.kept_losses):
+        validation = method(torch.tensor([5.0, 7.0]), torch.tensor([1, 1]), record=False)
+        assert validation.sum().item() == 5.0  # gated: b is dropped
+    after = scheduler.state_dict()
+    assert torch.equal(after["accumulator"], state["accumulator"])
+    assert after["calls_since_draw"] == state["calls_since_draw"]  # no redraw counted
+    assert torch.equal(after["generator"], state["generator"])
+    scheduler(torch.tensor([1.0, 2.0]))
+    with pytest.warns(UserWarning, match=r"tasks \['b'\] were dropped for the whole epoch"):
+        scheduler.step()  # b's mean rose from 1 to 2 while it was dropped
+    assert scheduler.epoch_losses == {"a": 1.0, "b": 2.0}
