@@ -621,3 +621,43 @@ def test_record_false_gates_without_recording_or_counting() -> None:
     with pytest.warns(UserWarning, match=r"tasks \['b'\] were dropped for the whole epoch"):
         scheduler.step()  # b's mean rose from 1 to 2 while it was dropped
     assert scheduler.epoch_losses == {"a": 1.0, "b": 2.0}
+
+
+@pytest.mark.parametrize(("cooldown_epochs", "kept_from"), [(0, None), (1, 4), (2, 3)])
+def test_the_last_epochs_keep_every_task(cooldown_epochs: int, kept_from: int | None) -> None:
+    scheduler = TaskDropScheduler(
+        ["a", "b"],
+        [Fixed([0.0, 0.0])],
+        min_active_tasks=0,
+        epochs=5,
+        cooldown_epochs=cooldown_epochs,
+        redraw_every=1,
+    )
+    assert scheduler.epochs == 5
+    gates_of_epoch = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the losses given here do not change
+        for epoch in range(5):
+            scheduler(torch.ones(2))  # a redraw, once the draws have begun
+            gates_of_epoch[epoch] = (scheduler.active_tasks, scheduler.cooling_down)
+            scheduler.step([1.0, 1.0])
+    for epoch in range(2, 5):
+        in_cooldown = kept_from is not None and epoch >= kept_from
+        expected = ("a", "b") if in_cooldown else ()
+        assert gates_of_epoch[epoch] == (expected, in_cooldown), epoch
+
+
+def test_a_dropped_task_whose_loss_rose_is_reported() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Fixed([1.0, 0.0])], generator=0)
+    scheduler.step([1.0, 1.0])
+    scheduler.step([0.5, 0.5])
+    assert scheduler.gates == {"a": True, "b": False}
+    with pytest.warns(UserWarning, match=r"\['b'\] were dropped .* rose by \{'b': 0\.25\}"):
+        logged = scheduler.step([0.25, 0.75])
+    assert scheduler.dropped_loss_rise["b"] == 0.25
+    assert math.isnan(scheduler.dropped_loss_rise["a"])  # kept: not reported
+    assert "epoch_loss/b" in logged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.step([0.25, 0.5])  # b fell while dropped: no warning
+    assert scheduler.dropped_loss_rise["b"] == -0.25
