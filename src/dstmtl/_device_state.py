@@ -34,12 +34,17 @@ class DeviceState:
         return self.sums.device
 
     def to(self, device: torch.device | str) -> None:
-        """Move every buffer to ``device``, keeping its values (a sync, once)."""
+        """Move the buffers to ``device``, keeping the sums; the caller stages the gates.
+
+        From the CPU to a GPU, the copy goes through pinned memory without waiting for it.
+        """
         device = torch.device(device)
         dtype = _state_dtype(device)
-        self.sums = self.sums.to(device, dtype)
-        self.factors = self.factors.to(device, dtype)
-        self.kept_index = self.kept_index.to(device)
+        sums = torch.empty(self.sums.shape, dtype=dtype, device=device)
+        sums.copy_(_staged(self.sums.to(dtype), device), non_blocking=True)
+        self.sums = sums
+        self.factors = torch.empty(self.factors.shape, dtype=dtype, device=device)
+        self.kept_index = torch.empty(0, dtype=torch.long, device=device)
 
     def record(self, losses: Tensor, label_counts: Tensor | None) -> None:
         """Add one step's detached losses; a step counts for a task when its loss is finite
