@@ -407,8 +407,8 @@ def test_float64_losses_keep_their_loss_weights_exact() -> None:
     assert weighted.tolist() == [2 * 0.3, 2 / 3 * 0.3]
 
 
-def test_a_state_dict_of_dstmtl_0_1_still_loads() -> None:
-    # dstmtl 0.1 saved 3 rows of running sums and none of the newer record fields.
+def test_a_state_dict_from_before_the_new_fields_still_loads() -> None:
+    # Older states hold 3 rows of running sums and none of the newer record fields.
     def make() -> TaskDropScheduler:
         return TaskDropScheduler(
             ["a", "b", "c"], [TaskIncompleteness(), Constant()], redraw_every=2, generator=3

@@ -1,3 +1,12 @@
+"""TaskDropScheduler: the DST schedule of ``docs/algorithm.md``.
+
+The class reads in the order of the algorithm: set-up, the per-step gated loss, the
+per-epoch update (means, baselines, terms, probabilities, draw), read-outs, checkpointing,
+then the draw itself. The device buffers live in :mod:`dstmtl._device_state`, the
+gradient hooks in :mod:`dstmtl._head_gradients`, the constructor checks in
+:mod:`dstmtl._scheduler_settings`.
+"""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +34,8 @@ from dstmtl.metrics import EpochStatistics, Metric
 
 # Keys of a wrong state_dict listed in the error; a model's state_dict has hundreds.
 _SHOWN_KEYS = 10
-# Marks a record field that state_dicts of dstmtl <= 0.1 lack; loading one keeps its value.
+# Marks a record field that state_dicts saved before it existed lack; loading one of those
+# keeps the scheduler's own value.
 _NEW = {"optional": True}
 
 
@@ -511,8 +521,8 @@ class TaskDropScheduler:
 
         Like the schedulers in :mod:`torch.optim.lr_scheduler`, the settings (metric weights,
         loss scaling, minimum of active tasks, redraw period, epoch mean, cool-down) come
-        from the state too. A state saved by dstmtl 0.1, which lacks the newer settings,
-        keeps this scheduler's values for them.
+        from the state too. A state saved before ``epoch_mean``, ``epochs`` and
+        ``cooldown_epochs`` existed keeps this scheduler's values for them.
         """
         expected = list(self.state_dict())
         optional = {f.name for f in dataclasses.fields(_Record) if f.metadata.get("optional")}
@@ -542,7 +552,7 @@ class TaskDropScheduler:
         self._generator.set_state(state_dict["generator"])
         for metric in self._metrics:
             metric.load_state_dict(state_dict["metrics"][metric.name])
-        saved_sums = state_dict["accumulator"]  # None in dstmtl 0.1 before the first call
+        saved_sums = state_dict["accumulator"]  # None in older states before the first call
         self._device.load_sums(
             saved_sums if saved_sums is not None else torch.zeros(0, len(self._task_names))
         )
