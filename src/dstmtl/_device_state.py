@@ -46,23 +46,23 @@ class DeviceState:
         self.factors = torch.empty(self.factors.shape, dtype=dtype, device=device)
         self.kept_index = torch.empty(0, dtype=torch.long, device=device)
 
-    def record(self, losses: Tensor, label_counts: Tensor | None) -> None:
+    def record(self, losses: Tensor, label_counts: Tensor | None, *, by_label: bool) -> None:
         """Add one step's detached losses; a step counts for a task when its loss is finite
-        and, with ``label_counts``, the task had a labelled sample."""
+        and, with ``label_counts``, the task had a labelled sample. ``by_label`` (which
+        needs ``label_counts``) also fills the rows of the means by label."""
         dtype = self.sums.dtype
         detached = losses.detach().to(dtype)
         labelled = detached.isfinite()
-        counted = torch.ones_like(detached)
         if label_counts is not None:
             counts = label_counts.to(dtype)
             labelled = labelled & (counts > 0)
-            counted = counts
             self.sums[LABEL_COUNT] += counts
         kept = torch.where(labelled, detached, 0.0)
         self.sums[LOSS_SUM] += kept
         self.sums[LABELLED_STEPS] += labelled.to(dtype)
-        self.sums[COUNTED_LOSS_SUM] += kept * counted
-        self.sums[COUNTED_LABELS] += torch.where(labelled, counted, 0.0)
+        if by_label and label_counts is not None:
+            self.sums[COUNTED_LOSS_SUM] += kept * counts
+            self.sums[COUNTED_LABELS] += torch.where(labelled, counts, 0.0)
 
     def gate(self, losses: Tensor) -> Tensor:
         """``g_j w_j L_j``: exactly 0 for a dropped task, even with a non-finite loss."""

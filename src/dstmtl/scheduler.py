@@ -294,7 +294,7 @@ class TaskDropScheduler:
                 self._redraw_if_due()
                 self._r.calls_since_draw += 1
                 self._r.units_this_epoch += 1
-            self._device.record(losses, label_counts)
+            self._device.record(losses, label_counts, by_label=self._r.epoch_mean == "label")
         return self._device.gate(losses)
 
     def kept_losses(
