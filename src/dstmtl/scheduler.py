@@ -3,13 +3,12 @@
 The class reads in the order of the algorithm: set-up, the per-step gated loss, the
 per-epoch update (means, baselines, terms, probabilities, draw), read-outs, checkpointing,
 then the draw itself. The device buffers live in :mod:`dstmtl._device_state`, the
-gradient hooks in :mod:`dstmtl._head_gradients`, the constructor checks in
-:mod:`dstmtl._scheduler_settings`.
+gradient hooks in :mod:`dstmtl._head_gradients`, the state record in
+:mod:`dstmtl._scheduler_state` and the argument checks in :mod:`dstmtl._scheduler_checks`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dstmtl import _scheduler_settings as settings
+from dstmtl import _scheduler_checks as checks
+from dstmtl import _scheduler_state as state
 from dstmtl._device_state import (
     COUNTED_LABELS,
     COUNTED_LOSS_SUM,
@@ -29,48 +29,8 @@ from dstmtl._device_state import (
 )
 from dstmtl._distributed import all_reduce_max, broadcast_from_first, is_distributed
 from dstmtl._head_gradients import HeadGradients, check_optimizer, owners_by_parameter
-from dstmtl._validation import check_same_tasks, check_task_names, per_task_tensor
+from dstmtl._validation import check_task_names, per_task_tensor
 from dstmtl.metrics import EpochStatistics, Metric
-
-# Keys of a wrong state_dict listed in the error; a model's state_dict has hundreds.
-_SHOWN_KEYS = 10
-# Marks a record field that state_dicts saved before it existed lack; loading one of those
-# keeps the scheduler's own value.
-_NEW = {"optional": True}
-
-
-@dataclasses.dataclass
-class _Record:
-    """Everything the scheduler knows besides the generator, the device sums and the metrics;
-    :meth:`TaskDropScheduler.state_dict` saves exactly these fields."""
-
-    metric_weights: tuple[float, ...]
-    loss_scaling: bool
-    min_active_tasks: int
-    redraw_every: int | None
-    epoch: int
-    baseline: Tensor  # [K] float64; NaN until a finite, positive mean
-    previous: Tensor  # [K] the last measured mean
-    epoch_losses: Tensor  # [K] the last epoch's means (NaN: not measured)
-    label_counts: Tensor  # [K]
-    terms: dict[str, Tensor]  # metric name -> [K]
-    probabilities: Tensor  # [K]
-    gates: Tensor  # [K] bool
-    loss_weights: Tensor  # [K]
-    calls_since_draw: int  # calls, or optimizer steps with an attached optimizer
-    epoch_mean: str = dataclasses.field(default="step", metadata=_NEW)
-    epochs: int | None = dataclasses.field(default=None, metadata=_NEW)
-    cooldown_epochs: int = dataclasses.field(default=1, metadata=_NEW)
-    # Redraw units (as calls_since_draw) since the last step(), compared across ranks.
-    units_this_epoch: int = dataclasses.field(default=0, metadata=_NEW)
-    # [K] bool: dropped by every gate in force since the last step().
-    dropped_all_epoch: Tensor = dataclasses.field(
-        default_factory=lambda: torch.zeros(0, dtype=torch.bool), metadata=_NEW
-    )
-    # [K] the rise of the epoch mean of tasks dropped for the whole epoch (NaN otherwise).
-    dropped_loss_rise: Tensor = dataclasses.field(
-        default_factory=lambda: torch.zeros(0, dtype=torch.float64), metadata=_NEW
-    )
 
 
 class TaskDropScheduler:
@@ -163,22 +123,22 @@ class TaskDropScheduler:
     ) -> None:
         self._task_names = check_task_names(task_names, owner="TaskDropScheduler")
         num_tasks = len(self._task_names)
-        self._metrics = settings.check_metrics(metrics)
+        self._metrics = checks.check_metrics(metrics)
         nan = torch.full((num_tasks,), math.nan, dtype=torch.float64)
-        self._r = _Record(
-            metric_weights=settings.check_metric_weights(metric_weights, self._metrics),
-            loss_scaling=settings.check_bool(loss_scaling, "loss_scaling"),
-            min_active_tasks=settings.check_int(
+        self._r = state.Record(
+            metric_weights=checks.check_metric_weights(metric_weights, self._metrics),
+            loss_scaling=checks.check_bool(loss_scaling, "loss_scaling"),
+            min_active_tasks=checks.check_int(
                 min_active_tasks,
                 "min_active_tasks",
                 low=0,
                 high=num_tasks,
                 high_is="the number of tasks",
             ),
-            redraw_every=settings.check_optional_int(redraw_every, "redraw_every", low=1),
-            epoch_mean=settings.check_epoch_mean(epoch_mean),
-            epochs=settings.check_optional_int(epochs, "epochs", low=1),
-            cooldown_epochs=settings.check_int(cooldown_epochs, "cooldown_epochs", low=0),
+            redraw_every=checks.check_optional_int(redraw_every, "redraw_every", low=1),
+            epoch_mean=checks.check_epoch_mean(epoch_mean),
+            epochs=checks.check_optional_int(epochs, "epochs", low=1),
+            cooldown_epochs=checks.check_int(cooldown_epochs, "cooldown_epochs", low=0),
             epoch=0,
             baseline=nan.clone(),
             previous=nan.clone(),
@@ -192,7 +152,7 @@ class TaskDropScheduler:
             dropped_all_epoch=torch.zeros(num_tasks, dtype=torch.bool),
             dropped_loss_rise=nan.clone(),
         )
-        self._generator = settings.make_generator(generator)
+        self._generator = checks.make_generator(generator)
         self._device = DeviceState(num_tasks)
         self._heads: HeadGradients | None = None
         self._optimizer_hooks: list[Any] = []
@@ -286,7 +246,9 @@ class TaskDropScheduler:
         Dropped tasks are exactly 0 (even when their loss is not finite) and keep a gradient
         path. :meth:`kept_losses` gives only the kept tasks.
         """
-        losses = self._check_step_input(losses, label_counts)
+        losses = checks.check_step_input(
+            losses, label_counts, self._task_names, needs_counts=self._r.epoch_mean == "label"
+        )
         if self._device.device != losses.device:
             self.to(losses.device)
         if record:
@@ -363,7 +325,10 @@ class TaskDropScheduler:
                 baseline_losses=r.baseline.clone(),
                 label_counts=counts,
             )
-            r.terms = {metric.name: self._evaluate(metric, stats) for metric in self._metrics}
+            r.terms = {
+                metric.name: checks.check_term(metric, metric(stats), self._task_names)
+                for metric in self._metrics
+            }
             weights = torch.tensor(r.metric_weights, dtype=torch.float64)
             terms = torch.stack(list(r.terms.values()))
             r.probabilities = (weights @ terms / weights.sum()).clamp(0.0, 1.0)
@@ -507,10 +472,7 @@ class TaskDropScheduler:
         return {
             "task_names": list(self._task_names),
             "metric_names": [metric.name for metric in self._metrics],
-            **{
-                field.name: _saved(getattr(self._r, field.name))
-                for field in dataclasses.fields(self._r)
-            },
+            **state.saved(self._r),
             "generator": self._generator.get_state(),
             "accumulator": self._device.saved_sums(),
             "metrics": {metric.name: metric.state_dict() for metric in self._metrics},
@@ -524,16 +486,7 @@ class TaskDropScheduler:
         from the state too. A state saved before ``epoch_mean``, ``epochs`` and
         ``cooldown_epochs`` existed keeps this scheduler's values for them.
         """
-        expected = list(self.state_dict())
-        optional = {f.name for f in dataclasses.fields(_Record) if f.metadata.get("optional")}
-        if any(key not in state_dict for key in expected if key not in optional):
-            found = list(state_dict)
-            more = f" and {len(found) - _SHOWN_KEYS} more" if len(found) > _SHOWN_KEYS else ""
-            raise ValueError(
-                f"this is not a TaskDropScheduler state_dict: it has the keys "
-                f"{found[:_SHOWN_KEYS]}{more}, where the keys {expected} were expected; pass "
-                "what TaskDropScheduler.state_dict() returned, e.g. checkpoint['scheduler']"
-            )
+        state.check_keys(state_dict, list(self.state_dict()))
         for what, names in (
             ("task", list(self._task_names)),
             ("metric", [metric.name for metric in self._metrics]),
@@ -541,12 +494,7 @@ class TaskDropScheduler:
             saved = list(state_dict[f"{what}_names"])
             if saved != names:
                 raise ValueError(f"state_dict is for {what}s {saved}, this scheduler has {names}")
-        fresh = {
-            field.name: _loaded(state_dict[field.name])
-            for field in dataclasses.fields(self._r)
-            if field.name in state_dict
-        }
-        self._r = dataclasses.replace(self._r, **fresh)
+        self._r = state.restored(self._r, state_dict)
         if "dropped_all_epoch" not in state_dict:
             self._r.dropped_all_epoch = ~self._r.gates
         self._generator.set_state(state_dict["generator"])
@@ -664,93 +612,8 @@ class TaskDropScheduler:
                 stacklevel=3,
             )
 
-    # ----------------------------------------------------------------------- checks
-
-    def _check_step_input(
-        self, losses: Tensor | Mapping[str, Tensor], label_counts: Tensor | None
-    ) -> Tensor:
-        num_tasks = len(self._task_names)
-        if isinstance(losses, Mapping):
-            check_same_tasks(self._task_names, losses.keys(), what="loss names")
-            shapes = {name: tuple(losses[name].shape) for name in self._task_names}
-            not_scalar = {name: shape for name, shape in shapes.items() if math.prod(shape) != 1}
-            if not_scalar:
-                raise ValueError(
-                    f"TaskDropScheduler expects one scalar loss per task name; {not_scalar} "
-                    "hold several values (reduce each to its mean first)"
-                )
-            losses = torch.stack([losses[name].reshape(()) for name in self._task_names])
-        if not isinstance(losses, Tensor):
-            raise TypeError(
-                f"TaskDropScheduler expects the losses as a [{num_tasks}] tensor or a mapping "
-                f"from task name to loss, got {type(losses).__name__}; for a list of scalar "
-                "losses, pass torch.stack(losses)"
-            )
-        if not losses.is_floating_point():
-            raise TypeError(
-                f"TaskDropScheduler expects floating-point losses, got {losses.dtype}; compute "
-                "the losses in a floating dtype, e.g. losses.float()"
-            )
-        if losses.shape != (num_tasks,):
-            raise ValueError(
-                f"TaskDropScheduler expects one loss per task, shape ({num_tasks},) for tasks "
-                f"{list(self._task_names)}, got shape {tuple(losses.shape)}"
-            )
-        if label_counts is None and self._r.epoch_mean == "label":
-            raise ValueError(
-                "TaskDropScheduler(epoch_mean='label') weighs each step by its labelled "
-                "samples: pass them with the losses, scheduler(losses, loss_fn.label_counts)"
-            )
-        if label_counts is not None and not isinstance(label_counts, Tensor):
-            raise TypeError(
-                f"label_counts must be a [{num_tasks}] tensor of labelled samples per task, "
-                f"e.g. loss_fn.label_counts, got {label_counts!r} ({type(label_counts).__name__})"
-            )
-        if label_counts is not None and label_counts.shape != (num_tasks,):
-            raise ValueError(
-                f"label_counts must have shape ({num_tasks},), got {tuple(label_counts.shape)}"
-            )
-        return losses
-
-    def _evaluate(self, metric: Metric, stats: EpochStatistics) -> Tensor:
-        term = metric(stats)
-        if not isinstance(term, Tensor) or term.shape != (len(self._task_names),):
-            found = tuple(term.shape) if isinstance(term, Tensor) else type(term).__name__
-            raise ValueError(
-                f"metric {metric.name!r} must return a tensor of shape ({len(self._task_names)},)"
-                f", one value per task, got {found}"
-            )
-        term = term.detach().to("cpu", torch.float64)
-        if not bool(((term >= 0) & (term <= 1)).all()):
-            raise ValueError(
-                f"metric {metric.name!r} returned values outside [0, 1]: {self._as_dict(term)}"
-            )
-        return term
-
     def _as_dict(self, values: Tensor) -> dict[str, float]:
         return dict(zip(self._task_names, values.tolist(), strict=True))
-
-
-def _saved(value: Any) -> Any:
-    """A record field as a state_dict holds it: tensor copies, lists for tuples."""
-    if isinstance(value, Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {key: _saved(item) for key, item in value.items()}
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def _loaded(value: Any) -> Any:
-    """The inverse of :func:`_saved` (metric weights are the only list)."""
-    if isinstance(value, Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {key: _loaded(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return tuple(float(item) for item in value)
-    return value
 
 
 def _loss_scaling_weights(baseline: Tensor) -> Tensor:

@@ -1,12 +1,14 @@
-"""TaskDropScheduler's constructor checks; every message names what was found."""
+"""TaskDropScheduler's argument checks; every message names what was found."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+from torch import Tensor
 
+from dstmtl._validation import check_same_tasks
 from dstmtl.metrics import Metric
 
 EPOCH_MEANS = ("step", "label")
@@ -133,3 +135,70 @@ def make_generator(generator: torch.Generator | int | None) -> torch.Generator:
     else:
         fresh.manual_seed(generator)
     return fresh
+
+
+def check_step_input(
+    losses: Tensor | Mapping[str, Tensor],
+    label_counts: Tensor | None,
+    task_names: Sequence[str],
+    *,
+    needs_counts: bool,
+) -> Tensor:
+    """The losses as a ``[K]`` tensor in task order; reads only types, shapes and dtypes."""
+    num_tasks = len(task_names)
+    if isinstance(losses, Mapping):
+        check_same_tasks(task_names, losses.keys(), what="loss names")
+        shapes = {name: tuple(losses[name].shape) for name in task_names}
+        not_scalar = {name: shape for name, shape in shapes.items() if math.prod(shape) != 1}
+        if not_scalar:
+            raise ValueError(
+                f"TaskDropScheduler expects one scalar loss per task name; {not_scalar} "
+                "hold several values (reduce each to its mean first)"
+            )
+        losses = torch.stack([losses[name].reshape(()) for name in task_names])
+    if not isinstance(losses, Tensor):
+        raise TypeError(
+            f"TaskDropScheduler expects the losses as a [{num_tasks}] tensor or a mapping "
+            f"from task name to loss, got {type(losses).__name__}; for a list of scalar "
+            "losses, pass torch.stack(losses)"
+        )
+    if not losses.is_floating_point():
+        raise TypeError(
+            f"TaskDropScheduler expects floating-point losses, got {losses.dtype}; compute "
+            "the losses in a floating dtype, e.g. losses.float()"
+        )
+    if losses.shape != (num_tasks,):
+        raise ValueError(
+            f"TaskDropScheduler expects one loss per task, shape ({num_tasks},) for tasks "
+            f"{list(task_names)}, got shape {tuple(losses.shape)}"
+        )
+    if label_counts is None and needs_counts:
+        raise ValueError(
+            "TaskDropScheduler(epoch_mean='label') weighs each step by its labelled "
+            "samples: pass them with the losses, scheduler(losses, loss_fn.label_counts)"
+        )
+    if label_counts is not None and not isinstance(label_counts, Tensor):
+        raise TypeError(
+            f"label_counts must be a [{num_tasks}] tensor of labelled samples per task, "
+            f"e.g. loss_fn.label_counts, got {label_counts!r} ({type(label_counts).__name__})"
+        )
+    if label_counts is not None and label_counts.shape != (num_tasks,):
+        raise ValueError(
+            f"label_counts must have shape ({num_tasks},), got {tuple(label_counts.shape)}"
+        )
+    return losses
+
+
+def check_term(metric: Metric, term: object, task_names: Sequence[str]) -> Tensor:
+    """A metric's term as float64 on the CPU, after checking its shape and range."""
+    if not isinstance(term, Tensor) or term.shape != (len(task_names),):
+        found = tuple(term.shape) if isinstance(term, Tensor) else type(term).__name__
+        raise ValueError(
+            f"metric {metric.name!r} must return a tensor of shape ({len(task_names)},)"
+            f", one value per task, got {found}"
+        )
+    term = term.detach().to("cpu", torch.float64)
+    if not bool(((term >= 0) & (term <= 1)).all()):
+        values = dict(zip(task_names, term.tolist(), strict=True))
+        raise ValueError(f"metric {metric.name!r} returned values outside [0, 1]: {values}")
+    return term
