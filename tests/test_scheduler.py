@@ -405,3 +405,259 @@ def test_float64_losses_keep_their_loss_weights_exact() -> None:
     weighted = scheduler.weighted_losses(torch.tensor([0.3, 0.3], dtype=torch.float64))
     assert weighted.dtype == torch.float64
     assert weighted.tolist() == [2 * 0.3, 2 / 3 * 0.3]
+
+
+def test_a_state_dict_from_before_the_new_fields_still_loads() -> None:
+    # Older states hold 3 rows of running sums and none of the newer record fields.
+    def make() -> TaskDropScheduler:
+        return TaskDropScheduler(
+            ["a", "b", "c"], [TaskIncompleteness(), Constant()], redraw_every=2, generator=3
+        )
+
+    original = make()
+    for epoch in range(3):
+        for step in range(3):
+            original(torch.tensor([1.0, 2.0, 3.0]) / (1 + epoch + step))
+        original.step()
+    original(torch.tensor([0.5, 0.5, 0.5]))
+    old = original.state_dict()
+    for key in ("epoch_mean", "epochs", "cooldown_epochs", "units_this_epoch"):
+        del old[key]
+    for key in ("dropped_all_epoch", "dropped_loss_rise"):
+        del old[key]
+    old["accumulator"] = old["accumulator"][:3]
+    resumed = make()
+    resumed.load_state_dict(old)
+    for _ in range(5):
+        losses = torch.rand(3)
+        assert resumed(losses).item() == original(losses).item()
+    assert resumed.step() == original.step()
+
+
+def test_log_dict_is_flat_with_stable_keys_and_step_returns_it() -> None:
+    scheduler = TaskDropScheduler(
+        ["a", "b"], [TaskIncompleteness(), Constant()], loss_scaling=True, generator=0
+    )
+    scheduler(torch.tensor([1.0, 3.0]), torch.tensor([4, 2]))
+    first = scheduler.step()
+    assert first == scheduler.log_dict()
+    assert first == {
+        "epoch": 1.0,
+        "keep_probability/a": 1.0,
+        "keep_probability/b": 1.0,
+        "gate/a": 1.0,
+        "gate/b": 1.0,
+        "epoch_loss/a": 1.0,
+        "epoch_loss/b": 3.0,
+        "label_count/a": 4.0,
+        "label_count/b": 2.0,
+        "loss_weight/a": 2.0,
+        "loss_weight/b": 2 / 3,
+    }
+    second = scheduler.step([0.5, 3.0])  # A = [0.5, 1], mean 0.75: u = [2/3, 1]
+    assert second["term/task_incompleteness/a"] == pytest.approx(2 / 3)
+    assert second["term/constant/b"] == 1.0
+    assert second["keep_probability/a"] == pytest.approx(5 / 6)
+    assert second["epoch"] == 2.0
+    assert second["gate/a"] in (0.0, 1.0)
+    assert all(type(value) is float for value in second.values())
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"min_active_tasks": 1.5}, r"min_active_tasks must be an int, between 0 and .*got 1\.5"),
+        ({"min_active_tasks": True}, r"min_active_tasks must be an int, .*got True \(bool\)"),
+        ({"redraw_every": 1.5}, r"redraw_every must be an int, 1 or more, or None, got 1\.5"),
+        ({"redraw_every": True}, r"redraw_every must be an int, .*got True \(bool\)"),
+        ({"loss_scaling": "no"}, r"loss_scaling must be True or False, got 'no' \(str\)"),
+        ({"loss_scaling": 1}, r"loss_scaling must be True or False, got 1 \(int\)"),
+        ({"epochs": 2.0}, r"epochs must be an int, 1 or more, or None, got 2\.0"),
+        ({"cooldown_epochs": None}, r"cooldown_epochs must be an int, 0 or more, got None"),
+    ],
+)
+def test_settings_of_the_wrong_type_are_refused_at_construction(
+    setting: dict[str, object], message: str
+) -> None:
+    with pytest.raises(TypeError, match=message):
+        TaskDropScheduler(["a", "b"], [Constant()], **setting)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"epochs": 0}, r"epochs must be 1 or more, got 0"),
+        ({"cooldown_epochs": -1}, r"cooldown_epochs must be 0 or more, got -1"),
+        ({"epoch_mean": "sample"}, r"epoch_mean must be one of \['step', 'label'\], got 'sample'"),
+    ],
+)
+def test_settings_out_of_range_are_refused_at_construction(
+    setting: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        TaskDropScheduler(["a", "b"], [Constant()], **setting)  # type: ignore[arg-type]
+
+
+def test_a_scheduler_without_a_seed_leaves_the_global_generator_alone() -> None:
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    first = TaskDropScheduler(["a", "b"], [Fixed([0.5, 0.5])])
+    assert torch.equal(torch.rand(4), expected)  # the model's weights and data order
+    second = TaskDropScheduler(["a", "b"], [Fixed([0.5, 0.5])])
+    states = [s.state_dict()["generator"] for s in (first, second)]
+    assert not torch.equal(*states)  # still a fresh seed each time
+
+
+def test_attach_drops_a_shared_parameter_only_with_all_its_tasks() -> None:
+    shared, own_a, own_b = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
+    for gates, dropped in (([1.0, 0.0], {"b"}), ([0.0, 0.0], {"a", "b", "shared"})):
+        scheduler = TaskDropScheduler(["a", "b"], [Fixed(gates)], min_active_tasks=0)
+        scheduler.attach({"a": [shared, own_a], "b": [shared, own_b]})
+        scheduler.step([1.0, 1.0])
+        scheduler.step([1.0, 1.0])
+        for parameter in (shared, own_a, own_b):
+            parameter.grad = None
+        losses = torch.stack([(shared * own_a).sum(), (shared * own_b).sum()])
+        scheduler(losses).backward()
+        grads = {"shared": shared.grad, "a": own_a.grad, "b": own_b.grad}
+        assert {name for name, grad in grads.items() if grad is None} == dropped
+        scheduler.detach()
+
+
+def test_attach_follows_redraws_and_detach_restores_zero_gradients() -> None:
+    head = torch.nn.Linear(1, 1)
+    scheduler = TaskDropScheduler(["a", "b"], [Fixed([1.0, 0.0])], generator=0)
+    scheduler.attach({"b": head})
+    scheduler(torch.stack([torch.ones(()), head(torch.ones(1)).sum()])).backward()
+    assert head.weight.grad is not None  # the warm-up keeps every task
+    scheduler.step([1.0, 1.0])
+    scheduler.step([1.0, 1.0])
+    scheduler(torch.stack([torch.ones(()), head(torch.ones(1)).sum()])).backward()
+    assert head.weight.grad is None
+    scheduler.detach()
+    scheduler(torch.stack([torch.ones(()), head(torch.ones(1)).sum()])).backward()
+    assert head.weight.grad is not None
+    assert head.weight.grad.abs().sum().item() == 0.0
+
+
+def test_bad_attach() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Constant()])
+    with pytest.raises(TypeError, match=r"MultiHeadNet or a mapping .*, got Linear"):
+        scheduler.attach(torch.nn.Linear(1, 1))
+    with pytest.raises(ValueError, match=r"\['c'\] are not tasks of this scheduler"):
+        scheduler.attach({"c": torch.nn.Linear(1, 1)})
+    with pytest.raises(TypeError, match=r"parameters of task 'a' must be .*, got str"):
+        scheduler.attach({"a": "weights"})
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer, got Linear"):
+        scheduler.attach(optimizer=torch.nn.Linear(1, 1))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("redraw_every", [1, 2])
+def test_with_an_attached_optimizer_redraws_wait_for_optimizer_steps(redraw_every: int) -> None:
+    weights = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.SGD([weights], lr=0.1)
+    scheduler = TaskDropScheduler(
+        ["a", "b", "c", "d"],
+        [Fixed([0.5] * 4)],
+        redraw_every=redraw_every,
+        min_active_tasks=0,
+        generator=5,
+    )
+    scheduler.attach(optimizer=optimizer)
+    scheduler.step([1.0] * 4)
+    scheduler.step([1.0] * 4)
+    per_optimizer_step = []
+    for _ in range(12):
+        seen = set()
+        for _ in range(4):  # gradient accumulation: 4 micro-batches per optimizer step
+            scheduler(weights * 1.0).backward()
+            seen.add(tuple(scheduler.gates.values()))
+        optimizer.step()
+        optimizer.zero_grad()
+        assert len(seen) == 1  # one set of gates for every micro-batch of the step
+        per_optimizer_step.append(seen.pop())
+    pairs = per_optimizer_step[::redraw_every]
+    assert len(set(pairs)) > 2  # redrawn between optimizer steps
+    for start in range(0, 12, redraw_every):
+        assert len(set(per_optimizer_step[start : start + redraw_every])) == 1
+
+
+def test_epoch_means_by_labelled_samples() -> None:
+    by_step = TaskDropScheduler(["a", "b"], [Constant()])
+    by_label = TaskDropScheduler(["a", "b"], [Constant()], epoch_mean="label")
+    for scheduler in (by_step, by_label):
+        scheduler(torch.tensor([1.0, 4.0]), torch.tensor([2, 1]))
+        scheduler(torch.tensor([3.0, math.nan]), torch.tensor([6, 1]))  # b's loss not finite
+        scheduler(torch.tensor([2.0, 2.0]), torch.tensor([0, 0]))  # nothing labelled
+        scheduler.step()
+    assert by_step.epoch_losses == {"a": 2.0, "b": 4.0}
+    assert by_label.epoch_losses == {"a": (1 * 2 + 3 * 6) / 8, "b": 4.0}
+    assert by_label.label_counts == {"a": 8.0, "b": 2.0}
+
+
+def test_epoch_means_by_label_need_the_label_counts() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Constant()], epoch_mean="label")
+    with pytest.raises(ValueError, match=r"pass them with the losses, scheduler\(losses, loss_fn"):
+        scheduler(torch.ones(2))
+
+
+def test_record_false_gates_without_recording_or_counting() -> None:
+    scheduler = TaskDropScheduler(
+        ["a", "b"], [Fixed([1.0, 0.0])], redraw_every=1, min_active_tasks=0, generator=0
+    )
+    scheduler.step([1.0, 1.0])
+    scheduler.step([1.0, 1.0])
+    assert scheduler.gates == {"a": True, "b": False}
+    state = scheduler.state_dict()
+    for method in (scheduler, scheduler.weighted_losses, scheduler.kept_losses):
+        validation = method(torch.tensor([5.0, 7.0]), torch.tensor([1, 1]), record=False)
+        assert validation.sum().item() == 5.0  # gated: b is dropped
+    after = scheduler.state_dict()
+    assert torch.equal(after["accumulator"], state["accumulator"])
+    assert after["calls_since_draw"] == state["calls_since_draw"]  # no redraw counted
+    assert torch.equal(after["generator"], state["generator"])
+    scheduler(torch.tensor([1.0, 2.0]))
+    with pytest.warns(UserWarning, match=r"tasks \['b'\] were dropped for the whole epoch"):
+        scheduler.step()  # b's mean rose from 1 to 2 while it was dropped
+    assert scheduler.epoch_losses == {"a": 1.0, "b": 2.0}
+
+
+@pytest.mark.parametrize(("cooldown_epochs", "kept_from"), [(0, None), (1, 4), (2, 3)])
+def test_the_last_epochs_keep_every_task(cooldown_epochs: int, kept_from: int | None) -> None:
+    scheduler = TaskDropScheduler(
+        ["a", "b"],
+        [Fixed([0.0, 0.0])],
+        min_active_tasks=0,
+        epochs=5,
+        cooldown_epochs=cooldown_epochs,
+        redraw_every=1,
+    )
+    assert scheduler.epochs == 5
+    gates_of_epoch = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the losses given here do not change
+        for epoch in range(5):
+            scheduler(torch.ones(2))  # a redraw, once the draws have begun
+            gates_of_epoch[epoch] = (scheduler.active_tasks, scheduler.cooling_down)
+            scheduler.step([1.0, 1.0])
+    for epoch in range(2, 5):
+        in_cooldown = kept_from is not None and epoch >= kept_from
+        expected = ("a", "b") if in_cooldown else ()
+        assert gates_of_epoch[epoch] == (expected, in_cooldown), epoch
+
+
+def test_a_dropped_task_whose_loss_rose_is_reported() -> None:
+    scheduler = TaskDropScheduler(["a", "b"], [Fixed([1.0, 0.0])], generator=0)
+    scheduler.step([1.0, 1.0])
+    scheduler.step([0.5, 0.5])
+    assert scheduler.gates == {"a": True, "b": False}
+    with pytest.warns(UserWarning, match=r"\['b'\] were dropped .* rose by \{'b': 0\.25\}"):
+        logged = scheduler.step([0.25, 0.75])
+    assert scheduler.dropped_loss_rise["b"] == 0.25
+    assert math.isnan(scheduler.dropped_loss_rise["a"])  # kept: not reported
+    assert "epoch_loss/b" in logged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.step([0.25, 0.5])  # b fell while dropped: no warning
+    assert scheduler.dropped_loss_rise["b"] == -0.25

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -149,12 +149,14 @@ def test_the_per_step_path_never_reads_device_values(monkeypatch: pytest.MonkeyP
     """Reading a tensor's value on the host is what synchronises with a GPU; forbid it."""
     model = toy_model()
     loss_fn = MaskedMultiTaskLoss(dict.fromkeys(TASKS, "binary"))
-    scheduler = TaskDropScheduler(TASKS, [TaskIncompleteness()], generator=0)
+    scheduler = TaskDropScheduler(TASKS, [Fixed()], generator=0)
+    scheduler.attach(model)  # the gradient hooks run in the backward passes below
     x, y = toy_data(64, seed=6)
-    scheduler(loss_fn(model(x), y), loss_fn.label_counts)  # creates the device-side state
+    scheduler(loss_fn(model(x), y), loss_fn.label_counts)
     scheduler.step()
     scheduler(loss_fn(model(x), y), loss_fn.label_counts)
     scheduler.step()
+    assert scheduler.active_tasks == ("t0", "t2")
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("host read of a tensor value in the per-step path")
@@ -166,6 +168,7 @@ def test_the_per_step_path_never_reads_device_values(monkeypatch: pytest.MonkeyP
         total.backward()
     monkeypatch.undo()
     assert math.isfinite(total.item())
+    assert model.heads["t1"].get_parameter("weight").grad is None
 
 
 def test_the_per_step_path_compiles_as_one_graph_under_bfloat16_autocast() -> None:
@@ -191,3 +194,109 @@ def test_the_per_step_path_compiles_as_one_graph_under_bfloat16_autocast() -> No
     scheduler.step()
     reference.step()
     assert scheduler.epoch_losses == pytest.approx(reference.epoch_losses)
+
+
+def test_a_compiled_step_compiles_once() -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = toy_model()
+    loss_fn = MaskedMultiTaskLoss(dict.fromkeys(TASKS, "binary"))
+    scheduler = TaskDropScheduler(TASKS, [Fixed()], generator=0).to("cpu")
+    counter = CompileCounter()
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def training_loss(x: Tensor, y: Tensor) -> Tensor:
+        losses = loss_fn(model(x), y)
+        return scheduler(losses, loss_fn.label_counts)
+
+    x, y = toy_data(64, seed=8)
+    totals = []
+    for _ in range(3):  # the warm-up, the second epoch, then the gates of Fixed
+        for _ in range(2):
+            totals.append(training_loss(x, y))
+        scheduler.step()
+    assert scheduler.active_tasks == ("t0", "t2")
+    total = training_loss(x, y)
+    assert counter.frame_count == 1
+    losses = loss_fn(model(x), y)
+    assert torch.allclose(total, losses[0] + losses[2])
+    assert torch.allclose(totals[0], losses.sum())
+
+
+def _dropped_heads_run(
+    optimizer_class: Callable[..., torch.optim.Optimizer],
+    options: dict[str, float],
+    *,
+    attach_model: bool,
+    kept_losses: bool,
+) -> tuple[dict[str, float], float]:
+    """Train with t1 and t3 dropped from the third epoch on; return how far each head moved
+    in that epoch (L1), and how far the backbone did."""
+    model = toy_model()
+    optimizer = optimizer_class(model.parameters(), **options)
+    scheduler = TaskDropScheduler(TASKS, [Fixed()], generator=0)
+    scheduler.attach(model if attach_model else None, optimizer)
+    loss_fn = MaskedMultiTaskLoss(dict.fromkeys(TASKS, "binary"))
+    data = toy_data(256, seed=10)
+
+    def epoch(number: int) -> None:
+        for x, y in batches(*data, number):
+            losses = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            if kept_losses:
+                scheduler.kept_losses(losses, loss_fn.label_counts).sum().backward()
+            else:
+                scheduler(losses, loss_fn.label_counts).backward()
+            for name in TASKS:
+                dropped = attach_model and not scheduler.gates[name]
+                head = model.heads[name]
+                assert isinstance(head, nn.Linear)
+                assert (head.weight.grad is None) == dropped, name
+            optimizer.step()
+        scheduler.step()
+
+    epoch(0)
+    epoch(1)  # every task trained so far: the optimizer has momentum for every head
+    assert scheduler.active_tasks == ("t0", "t2")
+    before = copy.deepcopy(model.state_dict())
+    epoch(2)
+    after = model.state_dict()
+
+    def moved(prefix: str) -> float:
+        return sum(
+            float((after[key] - before[key]).abs().sum())
+            for key in before
+            if key.startswith(prefix)
+        )
+
+    return {name: moved(f"heads.{name}.") for name in TASKS}, moved("backbone.")
+
+
+@pytest.mark.parametrize(
+    ("optimizer_class", "options"),
+    [
+        (torch.optim.Adam, {"lr": 1e-2}),
+        (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2}),
+    ],
+)
+@pytest.mark.parametrize("kept_losses", [False, True])
+def test_attached_dropped_heads_do_not_move(
+    optimizer_class: Callable[..., torch.optim.Optimizer],
+    options: dict[str, float],
+    kept_losses: bool,
+) -> None:
+    moved, backbone = _dropped_heads_run(
+        optimizer_class, options, attach_model=True, kept_losses=kept_losses
+    )
+    assert moved["t1"] == moved["t3"] == 0.0
+    assert moved["t0"] > 0.01
+    assert moved["t2"] > 0.01
+    assert backbone > 0.01
+
+
+def test_without_the_model_attached_dropped_heads_move_by_momentum() -> None:
+    moved, _ = _dropped_heads_run(
+        torch.optim.Adam, {"lr": 1e-2}, attach_model=False, kept_losses=False
+    )
+    assert moved["t1"] > 0.01  # zero gradients, but Adam's momentum still moves them

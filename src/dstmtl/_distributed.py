@@ -1,4 +1,4 @@
-"""The two collectives the scheduler needs, no-ops outside an initialised process group."""
+"""The collectives the scheduler needs, no-ops outside an initialised process group."""
 
 from __future__ import annotations
 
@@ -25,6 +25,15 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     reduced = tensor.to(collective_device())
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced
+
+
+def all_reduce_max(tensor: Tensor) -> Tensor:
+    """The elementwise maximum of ``tensor`` over all ranks, on the device it came from."""
+    if not is_distributed():
+        return tensor
+    reduced = tensor.to(collective_device())
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return reduced.to(tensor.device)
 
 
 def broadcast_from_first(tensor: Tensor) -> Tensor:

@@ -179,8 +179,9 @@ class MaskedMultiTaskLoss(nn.Module):
             outputs: Model outputs by task name (e.g. from :class:`~dstmtl.MultiHeadNet`),
                 exactly the tasks.
             targets: Targets by task name (exactly the tasks), or one ``[B, K]`` tensor in
-                task order (one value per sample and task). Such a tensor mixing kinds is floating: multiclass columns then
-                hold class indices as floats, with NaN or ``-1`` for a missing label.
+                task order (one value per sample and task). Such a tensor mixing kinds is
+                floating: multiclass columns then hold class indices as floats, with NaN or
+                ``-1`` for a missing label.
 
         Raises:
             ValueError: Task names that differ from the outputs' or the targets', a

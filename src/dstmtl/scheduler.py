@@ -1,3 +1,12 @@
+"""TaskDropScheduler: the DST schedule of ``docs/algorithm.md``.
+
+The class reads in the order of the algorithm: set-up, the per-step gated loss, the
+per-epoch update (means, baselines, terms, probabilities, draw), read-outs, checkpointing,
+then the draw itself. The device buffers live in :mod:`dstmtl._device_state`, the
+gradient hooks in :mod:`dstmtl._head_gradients`, the state record in
+:mod:`dstmtl._scheduler_state` and the argument checks in :mod:`dstmtl._scheduler_checks`.
+"""
+
 from __future__ import annotations
 
 import math
@@ -8,13 +17,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dstmtl._distributed import all_reduce_sum, broadcast_from_first
-from dstmtl._validation import check_same_tasks, check_task_names, per_task_tensor
+from dstmtl import _scheduler_checks as checks
+from dstmtl import _scheduler_state as state
+from dstmtl._device_state import (
+    COUNTED_LABELS,
+    COUNTED_LOSS_SUM,
+    LABEL_COUNT,
+    LABELLED_STEPS,
+    LOSS_SUM,
+    DeviceState,
+)
+from dstmtl._distributed import all_reduce_max, broadcast_from_first, is_distributed
+from dstmtl._head_gradients import HeadGradients, check_optimizer, owners_by_parameter
+from dstmtl._validation import check_task_names, per_task_tensor
 from dstmtl.metrics import EpochStatistics, Metric
-
-_LOSS_SUM, _LABELLED_STEPS, _LABEL_COUNT = 0, 1, 2
-# Keys of a wrong state_dict listed in the error; a model's state_dict has hundreds.
-_SHOWN_KEYS = 10
 
 
 class TaskDropScheduler:
@@ -31,8 +47,8 @@ class TaskDropScheduler:
 
     where :math:`t_{m,j}` is term :math:`m` for task :math:`j`, :math:`\lambda_m` its weight
     and :math:`w_j` the loss-scaling weight (1 unless ``loss_scaling``). The loss is masked,
-    not the gradient: every head still runs forward, so a dropped task's loss keeps feeding
-    the statistics.
+    not the forward pass: every head still runs, so a dropped task's loss keeps feeding the
+    statistics. After :meth:`attach` the heads of dropped tasks get no gradient at all.
 
     Like the schedulers in :mod:`torch.optim.lr_scheduler`, it is driven by :meth:`step`,
     called once at the end of each epoch:
@@ -57,31 +73,41 @@ class TaskDropScheduler:
             every task starts from the same loss level. The terms use unscaled losses.
         min_active_tasks: At least this many tasks are kept in every draw: when fewer gates
             come up, the dropped tasks with the highest :math:`p_j` are switched back on.
-            Between 0 and :math:`K`; ``0`` allows an update with every task dropped (its
-            loss is then 0).
-        redraw_every: Draw new gates every this many calls instead of once per epoch (the
-            paper's schedule). The probabilities still change only at :meth:`step`. The draw
-            happens on the host inside the call, so this mode is not for compiled code.
+            ``0`` allows an update with every task dropped (its loss is then 0).
+        redraw_every: Draw new gates every this many calls (or optimizer steps, once an
+            optimizer is attached) instead of once per epoch (the paper's schedule). The
+            probabilities still change only at :meth:`step`. The draw happens on the host,
+            so this mode is not for compiled code.
+        epoch_mean: How a task's epoch mean weighs the steps: ``"step"`` (the reference
+            script's), each step with a labelled sample counts once; ``"label"``, each step
+            counts by its labelled samples, which needs ``label_counts`` at every call.
+        epochs: The run's planned number of epochs (:meth:`step` calls). With it, every task
+            is kept for the last ``cooldown_epochs`` epochs.
+        cooldown_epochs: Epochs at the end with every task kept when ``epochs`` is given;
+            ``0`` follows the paper's schedule to the end.
         generator: The source of randomness for the draws: a ``torch.Generator`` (CPU), a
-            seed, or ``None`` for a generator seeded from torch's global generator (so that
-            :func:`torch.manual_seed` makes the draws reproducible).
+            seed, or ``None`` for a generator seeded by the operating system (torch's global
+            generator is left alone).
 
     Raises:
         ValueError: An empty or duplicated task list, no metrics, duplicate metric names, a
             wrong number of metric weights, a negative weight or a zero sum,
-            ``min_active_tasks`` outside :math:`[0, K]`, ``redraw_every < 1``, or a
-            generator on another device than the CPU.
+            ``min_active_tasks`` outside :math:`[0, K]`, ``redraw_every < 1``, a bad
+            ``epochs``, ``cooldown_epochs`` or ``epoch_mean``, or a generator on another
+            device than the CPU.
         TypeError: A metric that is not a :class:`~dstmtl.metrics.Metric` instance, a single
-            metric not in a list (pass ``[Constant()]``), or a ``generator`` that is not an
-            ``int``, a ``torch.Generator`` or ``None``.
+            metric not in a list (pass ``[Constant()]``), a setting of the wrong type (a
+            ``bool`` or ``1.5`` where an ``int`` is meant, a string for ``loss_scaling``),
+            or a ``generator`` that is not an ``int``, a ``torch.Generator`` or ``None``.
 
     Under :mod:`torch.distributed`, :meth:`step` sums the epoch statistics over all ranks
-    and every rank adopts rank 0's gates, so the gates agree even with different seeds.
+    and gives every rank rank 0's generator state, so every rank draws the same gates,
+    with no communication between two :meth:`step` calls.
 
     The read-outs (:attr:`keep_probabilities`, :attr:`gates`, :attr:`terms`, ...) are
     properties returning plain Python values, dicts keyed by task name in task order. The
-    settings ``loss_scaling``, ``min_active_tasks`` and ``redraw_every`` are readable as
-    attributes.
+    settings ``loss_scaling``, ``min_active_tasks`` and ``redraw_every`` are read-only
+    properties.
 
     Example:
         >>> import torch
@@ -93,10 +119,9 @@ class TaskDropScheduler:
         >>> losses = torch.tensor([0.75, 0.25], requires_grad=True)
         >>> scheduler(losses)  # every task kept during the warm-up epoch
         tensor(1., grad_fn=<SumBackward0>)
-        >>> scheduler.step()  # baseline = [0.75, 0.25]
-        >>> scheduler.step([0.375, 0.25])  # A = [0.5, 1.0], mean 0.75
-        >>> scheduler.keep_probabilities
-        {'a': 0.8333333333333333, 'b': 1.0}
+        >>> _ = scheduler.step()  # baseline = [0.75, 0.25]
+        >>> scheduler.step([0.375, 0.25])["keep_probability/a"]  # A = [0.5, 1.0], mean 0.75
+        0.8333333333333333
     """
 
     def __init__(
@@ -108,48 +133,110 @@ class TaskDropScheduler:
         loss_scaling: bool = False,
         min_active_tasks: int = 1,
         redraw_every: int | None = None,
+        epoch_mean: str = "step",
+        epochs: int | None = None,
+        cooldown_epochs: int = 1,
         generator: torch.Generator | int | None = None,
     ) -> None:
         self._task_names = check_task_names(task_names, owner="TaskDropScheduler")
         num_tasks = len(self._task_names)
-        self._metrics = _check_metrics(metrics)
-        self._metric_weights = _check_metric_weights(metric_weights, self._metrics)
-        if not 0 <= min_active_tasks <= num_tasks:
-            raise ValueError(
-                f"TaskDropScheduler: min_active_tasks must be between 0 and the number of tasks "
-                f"({num_tasks}), got {min_active_tasks}"
-            )
-        if redraw_every is not None and redraw_every < 1:
-            raise ValueError(
-                f"TaskDropScheduler: redraw_every must be a positive number of steps or None, "
-                f"got {redraw_every}"
-            )
-        self.loss_scaling = loss_scaling
-        self.min_active_tasks = min_active_tasks
-        self.redraw_every = redraw_every
-        self._generator = _make_generator(generator)
+        self._metrics = checks.check_metrics(metrics)
+        nan = torch.full((num_tasks,), math.nan, dtype=torch.float64)
+        self._r = state.Record(
+            metric_weights=checks.check_metric_weights(metric_weights, self._metrics),
+            loss_scaling=checks.check_bool(loss_scaling, "loss_scaling"),
+            min_active_tasks=checks.check_int(
+                min_active_tasks,
+                "min_active_tasks",
+                low=0,
+                high=num_tasks,
+                high_is="the number of tasks",
+            ),
+            redraw_every=checks.check_optional_int(redraw_every, "redraw_every", low=1),
+            epoch_mean=checks.check_epoch_mean(epoch_mean),
+            epochs=checks.check_optional_int(epochs, "epochs", low=1),
+            cooldown_epochs=checks.check_int(cooldown_epochs, "cooldown_epochs", low=0),
+            epoch=0,
+            baseline=nan.clone(),
+            previous=nan.clone(),
+            epoch_losses=nan.clone(),
+            label_counts=torch.zeros(num_tasks, dtype=torch.float64),
+            terms={},
+            probabilities=torch.ones(num_tasks, dtype=torch.float64),
+            gates=torch.ones(num_tasks, dtype=torch.bool),
+            loss_weights=torch.ones(num_tasks, dtype=torch.float64),
+            calls_since_draw=0,
+            dropped_all_epoch=torch.zeros(num_tasks, dtype=torch.bool),
+            dropped_loss_rise=nan.clone(),
+        )
+        self._generator = checks.make_generator(generator)
+        self._device = DeviceState(num_tasks)
+        self._heads: HeadGradients | None = None
+        self._optimizer_hooks: list[Any] = []
 
-        nan = torch.full((num_tasks,), float("nan"), dtype=torch.float64)
-        self._epoch = 0
-        self._baseline = nan.clone()
-        self._previous = nan.clone()
-        self._epoch_losses = nan.clone()
-        self._label_counts = torch.zeros(num_tasks, dtype=torch.float64)
-        self._terms: dict[str, Tensor] = {}
-        self._probabilities = torch.ones(num_tasks, dtype=torch.float64)
-        self._gates = torch.ones(num_tasks, dtype=torch.bool)
-        self._loss_weights = torch.ones(num_tasks, dtype=torch.float64)
-        self._calls_since_draw = 0
-        # Device-side state, created on the first call on the device of the losses:
-        # [3, K] running sums (loss, labelled steps, labels) and [K] gate * weight factors.
-        self._accumulator: Tensor | None = None
-        self._factors: Tensor | None = None
-        self._kept_index: Tensor | None = None
+    # ---------------------------------------------------------------- setup (host only)
+
+    def to(self, device: torch.device | str) -> TaskDropScheduler:
+        """Keep the per-step buffers on ``device`` (the CPU until then); returns ``self``.
+
+        Call it before compiling a step, so that the compiled code sees its buffers from
+        the start. A call with losses on another device moves them there too (once).
+        """
+        self._device.to(device)
+        self._stage_gates()
+        return self
+
+    def attach(
+        self, model: object | None = None, optimizer: torch.optim.Optimizer | None = None
+    ) -> TaskDropScheduler:
+        """Tell the scheduler which parameters belong to which task, and which optimizer
+        takes the steps; returns ``self``.
+
+        Args:
+            model: A :class:`~dstmtl.MultiHeadNet` (its ``heads``) or a mapping from task
+                name to a module, a parameter or an iterable of parameters. After each
+                backward pass, the parameters whose tasks are all dropped get ``grad = None``
+                (the gates are on the host: no synchronisation), so no optimizer moves
+                them, through momentum or weight decay either. A parameter used by several
+                tasks is dropped only when all of them are. Without ``model``, dropped heads
+                get zero gradients, as when the scheduler is not attached.
+            optimizer: The optimizer that updates the model. It makes ``redraw_every``
+                count optimizer steps, and redraw only right after one, so that every
+                micro-batch of a gradient-accumulation step has the same gates; and it
+                clears the dropped parameters' gradients again just before each step (in
+                case a wrapper such as ``DistributedDataParallel`` wrote them back).
+
+        Calling it again replaces the previous attachment.
+        """
+        self.detach()
+        if model is not None:
+            self._heads = HeadGradients(owners_by_parameter(model, self._task_names))
+            self._heads.update(self._r.gates)
+        if optimizer is not None:
+            optimizer = check_optimizer(optimizer)
+            self._optimizer_hooks = [
+                optimizer.register_step_pre_hook(self._before_optimizer_step),
+                optimizer.register_step_post_hook(self._after_optimizer_step),
+            ]
+        return self
+
+    def detach(self) -> None:
+        """Undo :meth:`attach`: remove every hook it registered."""
+        if self._heads is not None:
+            self._heads.remove()
+        self._heads = None
+        for handle in self._optimizer_hooks:
+            handle.remove()
+        self._optimizer_hooks = []
 
     # ----------------------------------------------------------------- per step (no sync)
 
     def __call__(
-        self, losses: Tensor | Mapping[str, Tensor], label_counts: Tensor | None = None
+        self,
+        losses: Tensor | Mapping[str, Tensor],
+        label_counts: Tensor | None = None,
+        *,
+        record: bool = True,
     ) -> Tensor:
         r"""Return :math:`\sum_j g_j w_j L_j` and record the losses for the epoch statistics.
 
@@ -167,6 +254,8 @@ class TaskDropScheduler:
             label_counts: Labelled samples per task in this batch, shape ``[K]``, e.g.
                 :attr:`MaskedMultiTaskLoss.label_counts`. A task with no labelled sample in
                 a step does not count towards its epoch mean. Non-finite losses never do.
+            record: ``False`` returns the gated loss without recording anything or counting
+                the call (e.g. on validation data).
 
         Raises:
             ValueError: ``losses`` or ``label_counts`` not of shape ``[K]``, or a mapping
@@ -176,45 +265,39 @@ class TaskDropScheduler:
                 ``label_counts`` that is not a tensor. These checks read only types, shapes
                 and dtypes.
         """
-        return self.weighted_losses(losses, label_counts).sum()
+        return self.weighted_losses(losses, label_counts, record=record).sum()
 
     def weighted_losses(
-        self, losses: Tensor | Mapping[str, Tensor], label_counts: Tensor | None = None
+        self,
+        losses: Tensor | Mapping[str, Tensor],
+        label_counts: Tensor | None = None,
+        *,
+        record: bool = True,
     ) -> Tensor:
         r"""Like calling the scheduler, but return the vector :math:`g_j w_j L_j`, shape ``[K]``.
 
         Dropped tasks are exactly 0 (even when their loss is not finite) and keep a gradient
         path. :meth:`kept_losses` gives only the kept tasks.
         """
-        losses = self._check_step_input(losses, label_counts)
-        if self._accumulator is None or self._accumulator.device != losses.device:
-            self._move_state(losses.device)
-        assert self._accumulator is not None
-        assert self._factors is not None
-        if self.redraw_every is not None:
-            self._calls_since_draw += 1
-            # Probabilities exist from the second step() on; before that every task is kept.
-            if self._epoch > 1 and self._calls_since_draw > self.redraw_every:
-                self._gates = self._draw_gates()
-                self._refresh_device_factors()
-                self._calls_since_draw = 1
-
-        dtype = self._accumulator.dtype
-        detached = losses.detach().to(dtype)
-        labelled = detached.isfinite()
-        if label_counts is not None:
-            labelled = labelled & (label_counts > 0)
-            self._accumulator[_LABEL_COUNT] += label_counts.to(dtype)
-        self._accumulator[_LOSS_SUM] += torch.where(labelled, detached, 0.0)
-        self._accumulator[_LABELLED_STEPS] += labelled.to(dtype)
-
-        # A copy: autograd keeps it for the backward pass, and the device buffer is
-        # rewritten in place at the next redraw or step() (gradient accumulation).
-        factors = self._factors.to(losses.dtype, copy=True)
-        return torch.where(factors > 0, losses * factors, torch.zeros_like(losses))
+        losses = checks.check_step_input(
+            losses, label_counts, self._task_names, needs_counts=self._r.epoch_mean == "label"
+        )
+        if self._device.device != losses.device:
+            self.to(losses.device)
+        if record:
+            if self._r.redraw_every is not None and not self._optimizer_hooks:
+                self._redraw_if_due()
+                self._r.calls_since_draw += 1
+                self._r.units_this_epoch += 1
+            self._device.record(losses, label_counts, by_label=self._r.epoch_mean == "label")
+        return self._device.gate(losses)
 
     def kept_losses(
-        self, losses: Tensor | Mapping[str, Tensor], label_counts: Tensor | None = None
+        self,
+        losses: Tensor | Mapping[str, Tensor],
+        label_counts: Tensor | None = None,
+        *,
+        record: bool = True,
     ) -> Tensor:
         r"""Like :meth:`weighted_losses`, but only the kept tasks: :math:`w_j L_j` for
         :math:`g_j = 1`, in task order, shape ``[len(active_tasks)]``.
@@ -222,17 +305,17 @@ class TaskDropScheduler:
         This is the loss vector to hand to another multi-task method, such as a TorchJD
         aggregator or scalarizer, so that the dropped tasks never reach it (see
         ``docs/methods.md``). The selection uses an index kept on the device, so it does not
-        synchronise either.
+        synchronise either. With every task dropped (``min_active_tasks=0``) the vector is
+        empty: skip that update (``if scheduler.active_tasks:``).
         """
-        weighted = self.weighted_losses(losses, label_counts)
-        assert self._kept_index is not None
-        return weighted.index_select(0, self._kept_index)
+        weighted = self.weighted_losses(losses, label_counts, record=record)
+        return weighted.index_select(0, self._device.kept_index)
 
     # ------------------------------------------------------------------ per epoch (syncs)
 
     def step(
         self, mean_losses: Mapping[str, float] | Sequence[float] | Tensor | None = None
-    ) -> None:
+    ) -> dict[str, float]:
         """End an epoch: update the statistics and the terms, then draw new gates.
 
         Args:
@@ -243,49 +326,67 @@ class TaskDropScheduler:
                 means are used as they are: they are not summed over ranks, the recorded
                 sums are discarded, and the epoch's label counts are 0.
 
+        Returns:
+            :meth:`log_dict`, the new state, for a logger.
+
         Without ``mean_losses``, warns (``UserWarning``, through ``warnings.warn``, so by
         default once per calling line) when no call since the last :meth:`step` recorded a
         finite, labelled loss (summed over ranks), since every task then counts as not
-        measured: usually a sign that :meth:`step` is called more than once per epoch.
+        measured: usually a sign that :meth:`step` is called more than once per epoch. Also
+        warns when a task dropped for the whole epoch ended it with a higher mean loss.
 
         Raises:
             ValueError: ``mean_losses`` that do not match the tasks, or a metric that returns
                 anything but a ``[K]`` tensor with values in ``[0, 1]``.
             TypeError: ``mean_losses`` that is a string or not iterable.
+            RuntimeError: With ``redraw_every`` under :mod:`torch.distributed`, ranks that
+                made different numbers of calls in the epoch.
         """
+        r = self._r
+        self._check_equal_units_across_ranks()
         if mean_losses is None:
             means, counts = self._collect_epoch()
         else:
             means = per_task_tensor(mean_losses, self._task_names, what="mean_losses")
             counts = torch.zeros_like(means)
-            self._reset_accumulator()
-        means = torch.where(means.isfinite(), means, float("nan"))
+            self._device.collect()
+        means = torch.where(means.isfinite(), means, math.nan)
 
-        unset = self._baseline.isnan() & means.isfinite() & (means > 0)
-        self._baseline = torch.where(unset, means, self._baseline)
-        if self._epoch == 0:
-            if self.loss_scaling:
-                self._loss_weights = _loss_scaling_weights(self._baseline)
+        unset = r.baseline.isnan() & means.isfinite() & (means > 0)
+        r.baseline = torch.where(unset, means, r.baseline)
+        if r.epoch == 0:
+            if r.loss_scaling:
+                r.loss_weights = _loss_scaling_weights(r.baseline)
         else:
             stats = EpochStatistics(
                 task_names=self._task_names,
-                epoch=self._epoch,
+                epoch=r.epoch,
                 losses=means,
-                previous_losses=self._previous.clone(),
-                baseline_losses=self._baseline.clone(),
+                previous_losses=r.previous.clone(),
+                baseline_losses=r.baseline.clone(),
                 label_counts=counts,
             )
-            self._terms = {metric.name: self._evaluate(metric, stats) for metric in self._metrics}
-            weights = torch.tensor(self._metric_weights, dtype=torch.float64)
-            terms = torch.stack(list(self._terms.values()))
-            self._probabilities = (weights @ terms / weights.sum()).clamp(0.0, 1.0)
-            self._gates = self._draw_gates()
-        self._previous = torch.where(means.isfinite(), means, self._previous)
-        self._epoch_losses = means
-        self._label_counts = counts
-        self._epoch += 1
-        self._calls_since_draw = 0
-        self._refresh_device_factors()
+            r.terms = {
+                metric.name: checks.check_term(metric, metric(stats), self._task_names)
+                for metric in self._metrics
+            }
+            weights = torch.tensor(r.metric_weights, dtype=torch.float64)
+            terms = torch.stack(list(r.terms.values()))
+            r.probabilities = (weights @ terms / weights.sum()).clamp(0.0, 1.0)
+        r.dropped_loss_rise = torch.where(r.dropped_all_epoch, means - r.previous, math.nan)
+        r.previous = torch.where(means.isfinite(), means, r.previous)
+        r.epoch_losses = means
+        r.label_counts = counts
+        r.epoch += 1
+        r.calls_since_draw = 0
+        r.units_this_epoch = 0
+        self._share_generator()
+        if r.epoch > 1:
+            r.gates = self._draw_gates()
+        r.dropped_all_epoch = ~r.gates
+        self._stage_gates()
+        self._warn_about_dropped_tasks_that_got_worse()
+        return self.log_dict()
 
     # --------------------------------------------------------------------------- read-outs
 
@@ -297,19 +398,52 @@ class TaskDropScheduler:
     @property
     def epoch(self) -> int:
         """Number of completed :meth:`step` calls."""
-        return self._epoch
+        return self._r.epoch
+
+    @property
+    def loss_scaling(self) -> bool:
+        return self._r.loss_scaling
+
+    @property
+    def min_active_tasks(self) -> int:
+        return self._r.min_active_tasks
+
+    @property
+    def redraw_every(self) -> int | None:
+        return self._r.redraw_every
+
+    @property
+    def epoch_mean(self) -> str:
+        return self._r.epoch_mean
+
+    @property
+    def epochs(self) -> int | None:
+        return self._r.epochs
+
+    @property
+    def cooldown_epochs(self) -> int:
+        return self._r.cooldown_epochs
+
+    @property
+    def cooling_down(self) -> bool:
+        """``True`` while the current epoch is in the cool-down, where every task is kept.
+
+        Needs ``epochs``; always ``False`` without it.
+        """
+        r = self._r
+        return r.epochs is not None and r.epoch >= r.epochs - r.cooldown_epochs
 
     @property
     def keep_probabilities(self) -> dict[str, float]:
         """:math:`p_j` per task; 1 until the second :meth:`step`."""
-        return self._as_dict(self._probabilities)
+        return self._as_dict(self._r.probabilities)
 
     @property
     def gates(self) -> dict[str, bool]:
         """Whether each task takes part in the updates until the next draw."""
         return {
             name: bool(gate)
-            for name, gate in zip(self._task_names, self._gates.tolist(), strict=True)
+            for name, gate in zip(self._task_names, self._r.gates.tolist(), strict=True)
         }
 
     @property
@@ -323,17 +457,17 @@ class TaskDropScheduler:
 
         ``{}`` until the second :meth:`step`.
         """
-        return {name: self._as_dict(term) for name, term in self._terms.items()}
+        return {name: self._as_dict(term) for name, term in self._r.terms.items()}
 
     @property
     def loss_weights(self) -> dict[str, float]:
         """:math:`w_j` per task (all 1 unless ``loss_scaling``)."""
-        return self._as_dict(self._loss_weights)
+        return self._as_dict(self._r.loss_weights)
 
     @property
     def epoch_losses(self) -> dict[str, float]:
         """The mean (unscaled) loss per task of the last completed epoch; NaN where not measured."""
-        return self._as_dict(self._epoch_losses)
+        return self._as_dict(self._r.epoch_losses)
 
     @property
     def label_counts(self) -> dict[str, float]:
@@ -341,12 +475,39 @@ class TaskDropScheduler:
 
         0 where the calls got no ``label_counts`` or :meth:`step` got explicit means.
         """
-        return self._as_dict(self._label_counts)
+        return self._as_dict(self._r.label_counts)
 
     @property
     def baseline_losses(self) -> dict[str, float]:
         r""":math:`\bar L_j(0)` per task (NaN while a task has no finite, positive mean)."""
-        return self._as_dict(self._baseline)
+        return self._as_dict(self._r.baseline)
+
+    @property
+    def dropped_loss_rise(self) -> dict[str, float]:
+        """For each task dropped during the whole last epoch, its epoch mean minus the one
+        before (positive: it got worse while dropped); NaN for the other tasks."""
+        return self._as_dict(self._r.dropped_loss_rise)
+
+    def log_dict(self) -> dict[str, float]:
+        """The last epoch's state as one flat ``dict[str, float]`` for any logger.
+
+        Keys: ``"epoch"``, and per task ``"keep_probability/<task>"``, ``"gate/<task>"``
+        (1.0 or 0.0: the gates of the next epoch), ``"term/<metric>/<task>"`` (from the
+        second :meth:`step` on), ``"epoch_loss/<task>"``, ``"label_count/<task>"`` and
+        ``"loss_weight/<task>"``. :meth:`step` returns the same dict.
+        """
+        values: dict[str, float] = {"epoch": float(self._r.epoch)}
+        sections: dict[str, Mapping[str, float | bool]] = {
+            "keep_probability": self.keep_probabilities,
+            "gate": self.gates,
+            **{f"term/{name}": term for name, term in self.terms.items()},
+            "epoch_loss": self.epoch_losses,
+            "label_count": self.label_counts,
+            "loss_weight": self.loss_weights,
+        }
+        for section, per_task in sections.items():
+            values.update({f"{section}/{task}": float(v) for task, v in per_task.items()})
+        return values
 
     # ---------------------------------------------------------------------- checkpointing
 
@@ -362,25 +523,9 @@ class TaskDropScheduler:
         return {
             "task_names": list(self._task_names),
             "metric_names": [metric.name for metric in self._metrics],
-            "metric_weights": list(self._metric_weights),
-            "loss_scaling": self.loss_scaling,
-            "min_active_tasks": self.min_active_tasks,
-            "redraw_every": self.redraw_every,
-            "epoch": self._epoch,
-            "baseline": self._baseline.clone(),
-            "previous": self._previous.clone(),
-            "epoch_losses": self._epoch_losses.clone(),
-            "label_counts": self._label_counts.clone(),
-            "terms": {name: term.clone() for name, term in self._terms.items()},
-            "probabilities": self._probabilities.clone(),
-            "gates": self._gates.clone(),
-            "loss_weights": self._loss_weights.clone(),
+            **state.saved(self._r),
             "generator": self._generator.get_state(),
-            "calls_since_draw": self._calls_since_draw,
-            # A copy even on the CPU, where .cpu() would return the live running sums.
-            "accumulator": (
-                None if self._accumulator is None else self._accumulator.to("cpu", copy=True)
-            ),
+            "accumulator": self._device.saved_sums(),
             "metrics": {metric.name: metric.state_dict() for metric in self._metrics},
         }
 
@@ -388,7 +533,9 @@ class TaskDropScheduler:
         """Restore a :meth:`state_dict`; the tasks and metrics must be the same.
 
         Like the schedulers in :mod:`torch.optim.lr_scheduler`, the settings (metric weights,
-        loss scaling, minimum of active tasks, redraw period) come from the state too.
+        loss scaling, minimum of active tasks, redraw period, epoch mean, cool-down) come
+        from the state too. A state saved before ``epoch_mean``, ``epochs`` and
+        ``cooldown_epochs`` existed keeps this scheduler's values for them.
 
         Raises:
             ValueError: Other task names or metric names (or another metric order), or a
@@ -396,127 +543,83 @@ class TaskDropScheduler:
                 checkpoint or a model's ``state_dict()`` (the message lists the keys found
                 and those expected).
         """
-        expected = list(self.state_dict())
-        if any(key not in state_dict for key in expected):
-            found = list(state_dict)
-            more = f" and {len(found) - _SHOWN_KEYS} more" if len(found) > _SHOWN_KEYS else ""
-            raise ValueError(
-                f"this is not a TaskDropScheduler state_dict: it has the keys "
-                f"{found[:_SHOWN_KEYS]}{more}, where the keys {expected} were expected; pass "
-                "what TaskDropScheduler.state_dict() returned, e.g. checkpoint['scheduler']"
-            )
-        if list(state_dict["task_names"]) != list(self._task_names):
-            raise ValueError(
-                f"state_dict is for tasks {list(state_dict['task_names'])}, "
-                f"this scheduler has {list(self._task_names)}"
-            )
-        metric_names = [metric.name for metric in self._metrics]
-        if list(state_dict["metric_names"]) != metric_names:
-            raise ValueError(
-                f"state_dict is for metrics {list(state_dict['metric_names'])}, "
-                f"this scheduler has {metric_names}"
-            )
-        self._metric_weights = tuple(float(w) for w in state_dict["metric_weights"])
-        self.loss_scaling = bool(state_dict["loss_scaling"])
-        self.min_active_tasks = int(state_dict["min_active_tasks"])
-        redraw_every = state_dict["redraw_every"]
-        self.redraw_every = None if redraw_every is None else int(redraw_every)
-        self._epoch = int(state_dict["epoch"])
-        self._baseline = state_dict["baseline"].clone()
-        self._previous = state_dict["previous"].clone()
-        self._epoch_losses = state_dict["epoch_losses"].clone()
-        self._label_counts = state_dict["label_counts"].clone()
-        self._terms = {name: term.clone() for name, term in state_dict["terms"].items()}
-        self._probabilities = state_dict["probabilities"].clone()
-        self._loss_weights = state_dict["loss_weights"].clone()
+        state.check_keys(state_dict, list(self.state_dict()))
+        for what, names in (
+            ("task", list(self._task_names)),
+            ("metric", [metric.name for metric in self._metrics]),
+        ):
+            saved = list(state_dict[f"{what}_names"])
+            if saved != names:
+                raise ValueError(f"state_dict is for {what}s {saved}, this scheduler has {names}")
+        self._r = state.restored(self._r, state_dict)
+        if "dropped_all_epoch" not in state_dict:
+            self._r.dropped_all_epoch = ~self._r.gates
         self._generator.set_state(state_dict["generator"])
-        self._calls_since_draw = int(state_dict["calls_since_draw"])
         for metric in self._metrics:
             metric.load_state_dict(state_dict["metrics"][metric.name])
-        saved = state_dict["accumulator"]
-        if saved is not None:
-            self._move_state(
-                saved.device if self._accumulator is None else self._accumulator.device
-            )
-            assert self._accumulator is not None
-            self._accumulator.copy_(saved)
-        else:
-            self._reset_accumulator()
-        self._gates = state_dict["gates"].clone()
-        self._refresh_device_factors()
+        saved_sums = state_dict["accumulator"]  # None in older states before the first call
+        self._device.load_sums(
+            saved_sums if saved_sums is not None else torch.zeros(0, len(self._task_names))
+        )
+        self._stage_gates()
 
     def __repr__(self) -> str:
         return (
             f"TaskDropScheduler(tasks={list(self._task_names)}, metrics={self._metrics}, "
-            f"epoch={self._epoch})"
+            f"epoch={self._r.epoch})"
         )
 
-    # ---------------------------------------------------------------------------- helpers
+    # ---------------------------------------------------------------------------- drawing
 
-    def _check_step_input(
-        self, losses: Tensor | Mapping[str, Tensor], label_counts: Tensor | None
-    ) -> Tensor:
+    def _draw_gates(self) -> Tensor:
+        """``g_j = [U_j < p_j]``, topped up to ``min_active_tasks``; all on in the cool-down.
+
+        Every rank holds the same generator state (see :meth:`_share_generator`), so every
+        rank draws the same gates without communicating."""
         num_tasks = len(self._task_names)
-        if isinstance(losses, Mapping):
-            check_same_tasks(self._task_names, losses.keys(), what="loss names")
-            shapes = {name: tuple(losses[name].shape) for name in self._task_names}
-            not_scalar = {name: shape for name, shape in shapes.items() if math.prod(shape) != 1}
-            if not_scalar:
-                raise ValueError(
-                    f"TaskDropScheduler expects one scalar loss per task name; {not_scalar} "
-                    "hold several values (reduce each to its mean first)"
-                )
-            losses = torch.stack([losses[name].reshape(()) for name in self._task_names])
-        if not isinstance(losses, Tensor):
-            raise TypeError(
-                f"TaskDropScheduler expects the losses as a [{num_tasks}] tensor or a mapping "
-                f"from task name to loss, got {type(losses).__name__}; for a list of scalar "
-                "losses, pass torch.stack(losses)"
-            )
-        if not losses.is_floating_point():
-            raise TypeError(
-                f"TaskDropScheduler expects floating-point losses, got {losses.dtype}; compute "
-                "the losses in a floating dtype, e.g. losses.float()"
-            )
-        if losses.shape != (num_tasks,):
-            raise ValueError(
-                f"TaskDropScheduler expects one loss per task, shape ({num_tasks},) for tasks "
-                f"{list(self._task_names)}, got shape {tuple(losses.shape)}"
-            )
-        if label_counts is not None and not isinstance(label_counts, Tensor):
-            raise TypeError(
-                f"label_counts must be a [{num_tasks}] tensor of labelled samples per task, "
-                f"e.g. loss_fn.label_counts, got {label_counts!r} ({type(label_counts).__name__})"
-            )
-        if label_counts is not None and label_counts.shape != (num_tasks,):
-            raise ValueError(
-                f"label_counts must have shape ({num_tasks},), got {tuple(label_counts.shape)}"
-            )
-        return losses
+        if self.cooling_down:
+            return torch.ones(num_tasks, dtype=torch.bool)
+        probabilities = self._r.probabilities
+        draws = torch.rand(num_tasks, generator=self._generator, dtype=torch.float64)
+        gates = draws < probabilities
+        shortfall = self._r.min_active_tasks - int(gates.sum())
+        if shortfall > 0:
+            dropped = [j for j in range(num_tasks) if not gates[j]]
+            dropped.sort(key=lambda j: (-float(probabilities[j]), float(draws[j])))
+            gates[dropped[:shortfall]] = True
+        return gates
 
-    def _move_state(self, device: torch.device) -> None:
-        previous = self._accumulator
-        dtype = _device_state_dtype(device)
-        self._accumulator = torch.zeros(3, len(self._task_names), dtype=dtype, device=device)
-        if previous is not None:
-            self._accumulator.copy_(previous)
-        self._factors = torch.empty(len(self._task_names), dtype=dtype, device=device)
-        self._refresh_device_factors()
+    def _redraw_if_due(self) -> None:
+        r = self._r
+        assert r.redraw_every is not None
+        # Probabilities exist from the second step() on; before that every task is kept.
+        if r.epoch > 1 and r.calls_since_draw >= r.redraw_every:
+            r.gates = self._draw_gates()
+            r.dropped_all_epoch &= ~r.gates
+            self._stage_gates()
+            r.calls_since_draw = 0
 
-    def _reset_accumulator(self) -> None:
-        if self._accumulator is not None:
-            self._accumulator.zero_()
+    def _stage_gates(self) -> None:
+        """Make the device buffers and the gradient hooks follow the gates and weights."""
+        self._device.stage(self._r.gates, self._r.loss_weights)
+        if self._heads is not None:
+            self._heads.update(self._r.gates)
+
+    def _before_optimizer_step(self, *_: object) -> None:
+        if self._heads is not None:
+            self._heads.clear()
+
+    def _after_optimizer_step(self, *_: object) -> None:
+        if self._r.redraw_every is not None:
+            self._r.calls_since_draw += 1
+            self._r.units_this_epoch += 1
+            self._redraw_if_due()
+
+    # ---------------------------------------------------------------- epoch and ranks
 
     def _collect_epoch(self) -> tuple[Tensor, Tensor]:
-        num_tasks = len(self._task_names)
-        local = (
-            self._accumulator
-            if self._accumulator is not None
-            else torch.zeros(3, num_tasks, dtype=torch.float64)
-        )
-        totals = all_reduce_sum(local.clone()).to("cpu", torch.float64)
-        self._reset_accumulator()
-        steps = totals[_LABELLED_STEPS]
+        totals = self._device.collect()
+        steps = totals[LABELLED_STEPS]
         if not bool(steps.any()):
             warnings.warn(
                 "TaskDropScheduler.step(): no call since the last step() recorded a finite, "
@@ -526,130 +629,48 @@ class TaskDropScheduler:
                 UserWarning,
                 stacklevel=3,
             )
-        means = torch.where(steps > 0, totals[_LOSS_SUM] / steps.clamp(min=1), float("nan"))
-        return means, totals[_LABEL_COUNT]
+        if self._r.epoch_mean == "label":
+            total, weight = totals[COUNTED_LOSS_SUM], totals[COUNTED_LABELS]
+        else:
+            total, weight = totals[LOSS_SUM], steps
+        means = torch.where(weight > 0, total / weight.clamp(min=1e-300), math.nan)
+        return means, totals[LABEL_COUNT]
 
-    def _evaluate(self, metric: Metric, stats: EpochStatistics) -> Tensor:
-        term = metric(stats)
-        if not isinstance(term, Tensor) or term.shape != (len(self._task_names),):
-            found = tuple(term.shape) if isinstance(term, Tensor) else type(term).__name__
-            raise ValueError(
-                f"metric {metric.name!r} must return a tensor of shape ({len(self._task_names)},)"
-                f", one value per task, got {found}"
+    def _check_equal_units_across_ranks(self) -> None:
+        """With per-step redraws, every rank must have drawn as often, or the gates differ."""
+        if self._r.redraw_every is None or not is_distributed():
+            return
+        units = self._r.units_this_epoch
+        high, negative_low = all_reduce_max(torch.tensor([units, -units])).tolist()
+        if high != -negative_low:
+            unit = "optimizer steps" if self._optimizer_hooks else "scheduler calls"
+            raise RuntimeError(
+                f"TaskDropScheduler.step(): with redraw_every, every rank must make the same "
+                f"number of {unit} per epoch, but the ranks made from {-negative_low} to "
+                f"{high}, so their gates would differ. Give every rank the same number of "
+                "batches: a DistributedSampler with drop_last=True, or equal batch counts"
             )
-        term = term.detach().to("cpu", torch.float64)
-        if not bool(((term >= 0) & (term <= 1)).all()):
-            raise ValueError(
-                f"metric {metric.name!r} returned values outside [0, 1]: {self._as_dict(term)}"
+
+    def _share_generator(self) -> None:
+        """Give every rank rank 0's generator state (a no-op outside torch.distributed)."""
+        if is_distributed():
+            self._generator.set_state(broadcast_from_first(self._generator.get_state()))
+
+    def _warn_about_dropped_tasks_that_got_worse(self) -> None:
+        worse = {name: value for name, value in self.dropped_loss_rise.items() if value > 0}
+        if worse:
+            warnings.warn(
+                f"TaskDropScheduler.step(): tasks {sorted(worse)} were dropped for the whole "
+                f"epoch and their mean loss rose by {worse}: a dropped task's head does not "
+                "train while the shared weights move. Keep every task for the last epochs "
+                "(TaskDropScheduler(..., epochs=N, cooldown_epochs=1)) so that none ends "
+                "the run in this state",
+                UserWarning,
+                stacklevel=3,
             )
-        return term
-
-    def _draw_gates(self) -> Tensor:
-        draws = torch.rand(len(self._task_names), generator=self._generator, dtype=torch.float64)
-        gates = draws < self._probabilities
-        shortfall = self.min_active_tasks - int(gates.sum())
-        if shortfall > 0:
-            dropped = [j for j in range(len(gates)) if not gates[j]]
-            dropped.sort(key=lambda j: (-float(self._probabilities[j]), float(draws[j])))
-            gates[dropped[:shortfall]] = True
-        return broadcast_from_first(gates.to(torch.uint8)).to(torch.bool)
-
-    def _refresh_device_factors(self) -> None:
-        """Make the device copies follow the gates and the loss weights."""
-        if self._factors is not None:
-            device = self._factors.device
-            factors = (self._gates.to(torch.float64) * self._loss_weights).to(self._factors.dtype)
-            self._factors.copy_(_staged(factors, device), non_blocking=True)
-            kept = self._gates.nonzero().squeeze(1)
-            self._kept_index = _staged(kept, device).to(device, non_blocking=True)
 
     def _as_dict(self, values: Tensor) -> dict[str, float]:
         return dict(zip(self._task_names, values.tolist(), strict=True))
-
-
-def _check_metrics(metrics: Sequence[Metric]) -> tuple[Metric, ...]:
-    if isinstance(metrics, Metric) or not isinstance(metrics, Iterable):
-        example = repr(metrics) if isinstance(metrics, Metric) else "Constant()"
-        raise TypeError(
-            f"TaskDropScheduler: metrics must be a list of Metric instances, got "
-            f"{type(metrics).__name__}; pass a list, e.g. [{example}]"
-        )
-    metrics = tuple(metrics)
-    if not metrics:
-        raise ValueError(
-            "TaskDropScheduler needs at least one metric; use [Constant()] to keep every task"
-        )
-    for metric in metrics:
-        if not isinstance(metric, Metric):
-            raise TypeError(
-                f"TaskDropScheduler: metrics must be dstmtl.metrics.Metric instances, got "
-                f"{metric!r} ({type(metric).__name__})"
-            )
-        if not isinstance(getattr(metric, "name", None), str):
-            raise TypeError(
-                f"TaskDropScheduler: metric {type(metric).__name__} has no `name`; give the "
-                "class a string attribute, e.g. name = 'my_term', its key in `terms`"
-            )
-    names = [metric.name for metric in metrics]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ValueError(
-            f"TaskDropScheduler: metric names must differ, {repeated} appear more than once; "
-            "give a custom metric its own `name`"
-        )
-    return metrics
-
-
-def _check_metric_weights(
-    weights: Sequence[float] | None, metrics: Sequence[Metric]
-) -> tuple[float, ...]:
-    if weights is None:
-        return (1.0,) * len(metrics)
-    values = tuple(float(w) for w in weights)
-    if len(values) != len(metrics):
-        raise ValueError(
-            f"metric_weights has {len(values)} values for {len(metrics)} metrics "
-            f"{[metric.name for metric in metrics]}"
-        )
-    if any(not 0 <= w < math.inf for w in values) or not sum(values) > 0:
-        raise ValueError(
-            "metric_weights must be finite and non-negative with a positive sum, "
-            f"got {list(values)}"
-        )
-    return values
-
-
-def _make_generator(generator: torch.Generator | int | None) -> torch.Generator:
-    if isinstance(generator, torch.Generator):
-        if generator.device.type != "cpu":
-            raise ValueError(
-                f"TaskDropScheduler draws on the CPU; pass a CPU generator, got one on "
-                f"{generator.device}"
-            )
-        return generator
-    if generator is not None and (isinstance(generator, bool) or not isinstance(generator, int)):
-        raise TypeError(
-            "TaskDropScheduler: generator must be an int seed, a CPU torch.Generator or None "
-            f"(a seed from torch's global generator), got {generator!r} "
-            f"({type(generator).__name__})"
-        )
-    seed = generator if generator is not None else int(torch.randint(2**62, ()).item())
-    return torch.Generator().manual_seed(seed)
-
-
-def _device_state_dtype(device: torch.device) -> torch.dtype:
-    """float64, so that long epochs, label counts past 2**24 and float64 losses' weights stay
-    exact; MPS has no float64."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _staged(tensor: Tensor, device: torch.device) -> Tensor:
-    """``tensor`` in pinned memory when it goes to a CUDA device.
-
-    A non-blocking copy from ordinary host memory may still wait for the GPU; from pinned
-    memory it does not, which matters for ``redraw_every``, where the copy is per step.
-    """
-    return tensor.pin_memory() if device.type == "cuda" else tensor
 
 
 def _loss_scaling_weights(baseline: Tensor) -> Tensor:

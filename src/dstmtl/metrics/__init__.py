@@ -24,7 +24,7 @@ Example:
     ...     generator=0,
     ... )
     >>> for means in ([1.0, 2.0, 4.0], [0.5, 1.8, 2.0], [0.25, 1.9, 1.5]):
-    ...     scheduler.step(means)
+    ...     _ = scheduler.step(means)
     >>> scheduler.terms["label_count"]
     {'a': 0.5, 'b': 0.25, 'c': 1.0}
     >>> {task: round(p, 4) for task, p in scheduler.keep_probabilities.items()}

@@ -17,8 +17,8 @@ class Constant(Metric):
         >>> from dstmtl import TaskDropScheduler
         >>> from dstmtl.metrics import Constant
         >>> scheduler = TaskDropScheduler(["a", "b"], [Constant()], generator=0)
-        >>> scheduler.step([1.0, 2.0])
-        >>> scheduler.step([0.5, 1.5])
+        >>> _ = scheduler.step([1.0, 2.0])
+        >>> _ = scheduler.step([0.5, 1.5])
         >>> scheduler.keep_probabilities
         {'a': 1.0, 'b': 1.0}
     """

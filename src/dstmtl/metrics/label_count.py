@@ -35,8 +35,8 @@ class LabelCount(Metric):
         >>> from dstmtl.metrics import LabelCount
         >>> labels = torch.tensor([[1.0, float("nan")], [0.0, 1.0], [1.0, float("nan")]])
         >>> scheduler = TaskDropScheduler(["a", "b"], [LabelCount(labels)])
-        >>> scheduler.step([1.0, 1.0])
-        >>> scheduler.step([0.9, 0.9])
+        >>> _ = scheduler.step([1.0, 1.0])
+        >>> _ = scheduler.step([0.9, 0.9])
         >>> scheduler.terms["label_count"]
         {'a': 1.0, 'b': 0.3333333333333333}
     """

@@ -36,8 +36,8 @@ class NetworkDepth(Metric):
         >>> from dstmtl import TaskDropScheduler
         >>> from dstmtl.metrics import NetworkDepth
         >>> scheduler = TaskDropScheduler(["pose", "landmarks"], [NetworkDepth([17, 26])])
-        >>> scheduler.step([1.0, 1.0])
-        >>> scheduler.step([0.9, 0.9])
+        >>> _ = scheduler.step([1.0, 1.0])
+        >>> _ = scheduler.step([0.9, 0.9])
         >>> round(scheduler.terms["network_depth"]["pose"], 4)
         0.6538
     """

@@ -45,8 +45,8 @@ class TaskIncompleteness(Metric):
         >>> from dstmtl import TaskDropScheduler
         >>> from dstmtl.metrics import TaskIncompleteness
         >>> scheduler = TaskDropScheduler(["a", "b"], [TaskIncompleteness()])
-        >>> scheduler.step([1.0, 2.0])
-        >>> scheduler.step([0.5, 1.5])  # A = [0.5, 0.75], mean 0.625
+        >>> _ = scheduler.step([1.0, 2.0])
+        >>> _ = scheduler.step([0.5, 1.5])  # A = [0.5, 0.75], mean 0.625
         >>> scheduler.terms["task_incompleteness"]
         {'a': 0.8, 'b': 1.0}
     """

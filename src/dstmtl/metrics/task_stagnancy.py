@@ -48,8 +48,8 @@ class TaskStagnancy(Metric):
         >>> from dstmtl import TaskDropScheduler
         >>> from dstmtl.metrics import TaskStagnancy
         >>> scheduler = TaskDropScheduler(["a", "b"], [TaskStagnancy(alpha=0.1)])
-        >>> scheduler.step([1.0, 1.0])
-        >>> scheduler.step([0.5, 0.9])  # u = [0.714.., 1], R = [0.7, 0.1]
+        >>> _ = scheduler.step([1.0, 1.0])
+        >>> _ = scheduler.step([0.5, 0.9])  # u = [0.714.., 1], R = [0.7, 0.1]
         >>> {k: round(v, 4) for k, v in scheduler.terms["task_stagnancy"].items()}
         {'a': 0.5714, 'b': 1.0}
     """
