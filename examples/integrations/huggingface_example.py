@@ -17,6 +17,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the Hub; read at import
+
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -68,7 +70,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=4, help="epochs in all (default 4)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the Hub
     trainer = make_trainer(args.output, args.epochs)
     trainer.train(resume_from_checkpoint=args.resume or None)
     scheduler = trainer.task_drop_scheduler

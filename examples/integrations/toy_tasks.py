@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dstmtl import MaskedMultiTaskLoss, MultiHeadNet, TaskDropScheduler
+from dstmtl import MaskedMultiTaskLoss, MultiHeadNet, TaskDropScheduler, TaskKind
 from dstmtl.metrics import Constant, TaskIncompleteness
 
-TASKS = {"a": "binary", "b": "binary", "c": "regression"}
+TASKS: dict[str, TaskKind] = {"a": "binary", "b": "binary", "c": "regression"}
 FEATURES = 8
 
 

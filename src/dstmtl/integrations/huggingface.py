@@ -197,7 +197,7 @@ class TaskDropTrainer(Trainer):
         checkpoint: str | bool | None = resume_from_checkpoint
         if checkpoint is True:
             # get_last_checkpoint has no annotations; it returns a folder path or None.
-            last: str | None = get_last_checkpoint(self.args.output_dir)  # type: ignore[no-untyped-call]
+            last: str | None = get_last_checkpoint(self.args.output_dir)  # type: ignore[no-untyped-call, unused-ignore]
             checkpoint = last or True  # with no checkpoint, Trainer.train raises its own error
         if isinstance(checkpoint, str):
             self.task_drop_callback.load_checkpoint(checkpoint)
