@@ -2,7 +2,7 @@
 checkpointed and logged.
 
 Needs ``transformers`` and ``accelerate`` (``pip install 'dstmtl[huggingface]'``); tested
-with ``transformers`` 5.25.0 and ``accelerate`` 1.16.0.
+with ``transformers`` 4.48.3, 4.51.3, 4.57.6 and 5.25.0, and ``accelerate`` 1.3.0 and 1.16.0.
 """
 
 from __future__ import annotations

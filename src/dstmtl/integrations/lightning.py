@@ -1,7 +1,7 @@
 """PyTorch Lightning: step, checkpoint and log a :class:`~dstmtl.TaskDropScheduler`.
 
 Needs the ``lightning`` package (``pip install 'dstmtl[lightning]'``); tested with
-``lightning`` 2.6.6.
+``lightning`` 2.4.0 and 2.6.6.
 """
 
 from __future__ import annotations
