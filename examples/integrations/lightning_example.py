@@ -41,12 +41,8 @@ class MultiTaskModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, labels = batch
         losses = self.loss_fn(self.net(x), labels)  # [3], one mean loss per task
-        self.log_dict(
-            {
-                f"loss/{name}": loss
-                for name, loss in zip(self.loss_fn.task_names, losses, strict=True)
-            }
-        )
+        # No per-step logging, which would read the losses back from the device at every
+        # step: the callback logs each task's epoch mean (epoch_loss/<task>) instead.
         return self.scheduler(losses, self.loss_fn.label_counts)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -76,7 +72,7 @@ def train(
             ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, save_last=True),
         ],
         logger=CSVLogger(output, name="logs"),
-        log_every_n_steps=1,
+        log_every_n_steps=1,  # 8 steps per epoch: below the default, Lightning warns
         enable_progress_bar=False,
         enable_model_summary=False,
     )
