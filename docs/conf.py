@@ -48,7 +48,10 @@ autodoc_default_options = {
 # names from torch, torchvision and the standard library stay plain text.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:\w+", r"(torch|torchvision|collections\.abc|typing|abc)(\..*)?"),
+    (
+        r"py:\w+",
+        r"(torch|torchvision|lightning|transformers|os|collections\.abc|typing|abc)(\..*)?",
+    ),
 ]
 
 html_theme = "furo"
