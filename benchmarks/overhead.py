@@ -172,12 +172,16 @@ def _benchmark(
         images = images.contiguous(memory_format=torch.channels_last)
     targets, incomplete = targets.to(device), incomplete.to(device)
 
-    backbone, heads = _network(num_tasks, heads_only)
-    fused = FusedLinearHeads.from_linears(dict(zip(tasks, heads, strict=True)))
+    backbone, linears = _network(num_tasks, heads_only)
+    separate = dict(zip(tasks, linears, strict=True))
+    fused = FusedLinearHeads.from_linears(separate)
+    heads = nn.ModuleList(linears)
     variants = {
         _LIBRARY: _library_step(backbone, fused.heads(), images, targets),
-        _SEPARATE: _library_step(backbone, dict(zip(tasks, heads, strict=True)), images, targets),
-        _FUSED: _hand_written_step(backbone, _one_linear(heads), images, _fused_objective(targets)),
+        _SEPARATE: _library_step(backbone, separate, images, targets),
+        _FUSED: _hand_written_step(
+            backbone, _one_linear(linears), images, _fused_objective(targets)
+        ),
         _LOOP: _hand_written_step(backbone, heads, images, _loop_objective(targets)),
         _MISSING: _library_step(backbone, fused.heads(), images, incomplete),
     }
@@ -191,7 +195,7 @@ def _benchmark(
     )
 
 
-def _network(num_tasks: int, heads_only: bool) -> tuple[nn.Module, nn.ModuleList]:
+def _network(num_tasks: int, heads_only: bool) -> tuple[nn.Module, list[nn.Linear]]:
     torch.manual_seed(0)
     backbone: nn.Module = nn.Identity()
     if not heads_only:
@@ -203,11 +207,10 @@ def _network(num_tasks: int, heads_only: bool) -> tuple[nn.Module, nn.ModuleList
                 nn.ReLU(inplace=True),
             ]
         backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    heads = nn.ModuleList(nn.Linear(_FEATURES, 1) for _ in range(num_tasks))
-    return backbone, heads
+    return backbone, [nn.Linear(_FEATURES, 1) for _ in range(num_tasks)]
 
 
-def _one_linear(heads: nn.ModuleList) -> nn.ModuleList:
+def _one_linear(heads: list[nn.Linear]) -> nn.ModuleList:
     """The per-task heads as the single ``Linear(64, K)`` one would write by hand."""
     fused = nn.Linear(_FEATURES, len(heads))
     with torch.no_grad():

@@ -32,12 +32,14 @@ def test_fused_heads_give_the_outputs_and_gradients_of_separate_linears() -> Non
         torch.testing.assert_close(outputs[task], expected[task], rtol=0, atol=1e-12)
     # A loss that weighs every output differently, so a row mix-up would show.
     weights = {task: torch.randn_like(out) for task, out in expected.items()}
-    sum((outputs[t] * weights[t]).sum() for t in WIDTHS).backward()  # type: ignore[union-attr]
-    sum((expected[t] * weights[t]).sum() for t in WIDTHS).backward()  # type: ignore[union-attr]
-    assert fused.weight.grad is not None and fused.bias.grad is not None
+    sum((outputs[t] * weights[t]).sum() for t in WIDTHS).backward()
+    sum((expected[t] * weights[t]).sum() for t in WIDTHS).backward()
+    assert fused.weight.grad is not None
+    assert fused.bias.grad is not None
     for task, linear in linears.items():
         rows = fused.rows(task)
-        assert linear.weight.grad is not None and linear.bias.grad is not None
+        assert linear.weight.grad is not None
+        assert linear.bias.grad is not None
         torch.testing.assert_close(fused.weight.grad[rows], linear.weight.grad, rtol=0, atol=1e-12)
         torch.testing.assert_close(fused.bias.grad[rows], linear.bias.grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(x.grad, x_separate.grad, rtol=0, atol=1e-12)
@@ -46,7 +48,8 @@ def test_fused_heads_give_the_outputs_and_gradients_of_separate_linears() -> Non
 def test_rows_follow_the_order_of_the_tasks() -> None:
     fused = FusedLinearHeads(4, WIDTHS)
     assert [fused.rows(t) for t in WIDTHS] == [slice(0, 1), slice(1, 4), slice(4, 6)]
-    assert fused.weight.shape == (6, 4) and fused.bias.shape == (6,)
+    assert fused.weight.shape == (6, 4)
+    assert fused.bias.shape == (6,)
     with pytest.raises(KeyError, match=r"no task 'd'; tasks: \['a', 'b', 'c'\]"):
         fused.rows("d")
 
@@ -87,7 +90,7 @@ def test_a_handle_is_a_view_of_its_rows() -> None:
     torch.testing.assert_close(handle(x), fused(x)["b"], rtol=0, atol=1e-12)
     # No parameters of its own, but the shared ones for whoever collects a head's parameters.
     assert handle.state_dict() == {}
-    assert [p for p in handle.parameters()] == [fused.weight, fused.bias]
+    assert list(handle.parameters()) == [fused.weight, fused.bias]
     assert [name for name, _ in handle.named_parameters()] == ["fused.weight", "fused.bias"]
 
 

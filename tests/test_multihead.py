@@ -398,6 +398,13 @@ def test_head_factory_builds_the_heads_it_wants() -> None:
     assert net.depths()["dense"] == 14
 
 
+def _linear_of(head: nn.Module) -> nn.Linear:
+    """The nn.Linear of a head built with fuse_heads=False (alone, or after a FeaturePool)."""
+    linear = head if isinstance(head, nn.Linear) else head.get_submodule("1")
+    assert isinstance(linear, nn.Linear)
+    return linear
+
+
 def test_fused_and_separate_heads_compute_the_same_function() -> None:
     tasks = {"top": 1, "mid": 3, "low": 2}
     branches = {"mid": "layer3", "low": "layer3"}
@@ -405,7 +412,8 @@ def test_fused_and_separate_heads_compute_the_same_function() -> None:
     separate = MultiHeadNet.from_torchvision("resnet18", tasks, branches=branches, fuse_heads=False)
     assert isinstance(separate.heads["top"], nn.Linear)
     assert isinstance(separate.heads["mid"], nn.Sequential)
-    assert len(separate.fused_heads) == 0 and len(fused.fused_heads) == 2
+    assert len(separate.fused_heads) == 0
+    assert len(fused.fused_heads) == 2
     # One fused module per node: the output's and layer3's.
     assert fused.fused_heads[1].task_names == ("mid", "low")
     assert fused.depths() == separate.depths() == {"top": 18, "mid": 14, "low": 14}
@@ -414,9 +422,7 @@ def test_fused_and_separate_heads_compute_the_same_function() -> None:
         for task in tasks:
             handle = fused.heads[task]
             assert isinstance(handle, FusedLinearHead)
-            linear = separate.heads[task]
-            linear = linear if isinstance(linear, nn.Linear) else linear[1]
-            assert isinstance(linear, nn.Linear)
+            linear = _linear_of(separate.heads[task])
             linear.weight.copy_(handle.weight)
             linear.bias.copy_(handle.bias)
     x = torch.randn(2, 3, 64, 64)
@@ -424,18 +430,19 @@ def test_fused_and_separate_heads_compute_the_same_function() -> None:
     outputs = fused(x)
     for task in tasks:
         torch.testing.assert_close(outputs[task], expected[task])
-    sum(out.sum() for out in outputs.values()).backward()  # type: ignore[union-attr]
-    sum(out.sum() for out in expected.values()).backward()  # type: ignore[union-attr]
+    sum(out.sum() for out in outputs.values()).backward()
+    sum(out.sum() for out in expected.values()).backward()
     conv = fused.backbone.get_submodule("conv1")
-    assert isinstance(conv, nn.Conv2d) and conv.weight.grad is not None
+    assert isinstance(conv, nn.Conv2d)
+    assert conv.weight.grad is not None
     torch.testing.assert_close(
         conv.weight.grad, separate.backbone.get_submodule("conv1").weight.grad
     )
     for task in tasks:
         handle = fused.heads[task]
-        assert isinstance(handle, FusedLinearHead) and handle.fused.weight.grad is not None
-        linear = separate.heads[task]
-        linear = linear if isinstance(linear, nn.Linear) else linear[1]
+        assert isinstance(handle, FusedLinearHead)
+        assert handle.fused.weight.grad is not None
+        linear = _linear_of(separate.heads[task])
         torch.testing.assert_close(handle.fused.weight.grad[handle.rows], linear.weight.grad)
 
 
