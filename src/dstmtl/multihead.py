@@ -45,11 +45,18 @@ _AUX_CLASSIFIERS = {
 class MultiHeadNet(nn.Module):
     """A shared backbone with one head per task.
 
-    ``forward(x)`` returns a dict from task name to that task's output, in the order of
-    ``heads``. By default every head reads the backbone's output; ``branches`` lets a head
-    read an intermediate node of the backbone instead (e.g. ``"layer3"`` of a ResNet), so
-    that tasks can sit at different depths. The intermediate features are taken with
+    ``forward(x, *args, **kwargs)`` runs ``backbone(x, *args, **kwargs)`` once and returns
+    a dict from task name to that task's output, in the order of ``heads``. By default
+    every head reads the backbone's output; ``branches`` lets a head read an intermediate
+    node of the backbone instead (e.g. ``"layer3"`` of a ResNet), so that tasks can sit at
+    different depths. The intermediate features are taken with
     :func:`torchvision.models.feature_extraction.create_feature_extractor`.
+
+    A head may be a :class:`~dstmtl.FusedLinearHead`, one task's handle on a
+    :class:`~dstmtl.FusedLinearHeads` (``fused.heads()``): the fused module then runs once
+    for all its tasks, and is registered once, in ``fused_heads``, where the
+    ``state_dict`` holds its parameters (``fused_heads.0.weight``); ``heads[task]`` stays
+    the per-task handle.
 
     Args:
         backbone: Any module mapping inputs to features.
