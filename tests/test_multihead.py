@@ -548,3 +548,15 @@ def test_tasks_must_name_known_tasks() -> None:
         net(torch.randn(2, 4), tasks=["a", "y", "x"])
     with pytest.raises(TypeError, match=r"got the string 'a'; e\.g\. tasks=\['a'\]"):
         net(torch.randn(2, 4), tasks="a")
+
+
+def test_a_backbone_refusing_the_second_size_stays_quiet(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # MaxViT's window partition fails at 160 px (inside torch.fx's generated code, which
+    # prints that code to stderr); with the layout given, the net builds without a word.
+    net = MultiHeadNet.from_torchvision(
+        "maxvit_t", ["top", "mid"], branches={"mid": "blocks.1"}, layouts={"mid": "nchw"}
+    )
+    assert net.heads["mid"].in_features == 128
+    assert capsys.readouterr().err == ""

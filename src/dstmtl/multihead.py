@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -435,11 +437,17 @@ class _Probe:
         if size not in self._runs:
             if self._extractor is None:
                 self._extractor, _ = _feature_extractor(self._backbone, self._nodes)
+            # torch.fx prints the generated code of a failing graph to stderr; a failure at
+            # the second size is expected of fixed-size backbones and named in our message.
+            quiet = size != _PROBE_SIZE
+            silence = (
+                contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
+            )
             try:
-                with torch.no_grad():
+                with torch.no_grad(), silence:
                     features = self._extractor.eval()(torch.zeros(1, 3, size, size))
             except Exception as error:  # the second size is optional: any failure is reported
-                if size == _PROBE_SIZE:
+                if not quiet:
                     raise
                 self._runs[size] = error
             else:
