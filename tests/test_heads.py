@@ -16,13 +16,16 @@ WIDTHS = {"a": 1, "b": 3, "c": 2}
 
 def separate_and_fused() -> tuple[dict[str, nn.Linear], FusedLinearHeads]:
     torch.manual_seed(0)
-    linears = {task: nn.Linear(6, width).double() for task, width in WIDTHS.items()}
+    linears = {task: nn.Linear(6, width, dtype=torch.float64) for task, width in WIDTHS.items()}
     return linears, FusedLinearHeads.from_linears(linears)
 
 
 def test_fused_heads_give_the_outputs_and_gradients_of_separate_linears() -> None:
     linears, fused = separate_and_fused()
     assert fused.weight.dtype == torch.float64
+    # Weights that float32 cannot hold: the fused copy must keep them exactly.
+    assert not torch.equal(linears["b"].weight.float().double(), linears["b"].weight)
+    assert torch.equal(fused.weight[fused.rows("b")], linears["b"].weight)
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     x_separate = x.detach().clone().requires_grad_()
     outputs = fused(x)

@@ -188,11 +188,11 @@ class FusedLinearHeads(nn.Module):
         first = next(iter(linears.values()))
         fused = cls(
             first.in_features, {t: m.out_features for t, m in linears.items()}, layout=layout
-        )
+        ).to(first.weight.device, first.weight.dtype)
         with torch.no_grad():
             fused.weight.copy_(torch.cat([m.weight for m in linears.values()]))
             fused.bias.copy_(torch.cat([m.bias for m in linears.values()]))
-        return fused.to(first.weight.device, first.weight.dtype)
+        return fused
 
     @property
     def task_names(self) -> tuple[str, ...]:
