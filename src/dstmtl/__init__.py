@@ -1,6 +1,9 @@
 """Multi-task learning for PyTorch with Dropped Scheduled Task (DST) training.
 
 * :class:`MultiHeadNet`: a shared backbone with one head per task.
+* :class:`FusedLinearHeads`: K linear heads on one feature, held as one weight matrix
+  (:class:`FusedLinearHead`: one task's handle); :class:`FeaturePool`: a feature of any
+  layout pooled to ``[B, C]``.
 * :class:`MaskedMultiTaskLoss`: per-task losses over the labelled samples only.
 * :class:`TaskDropScheduler`: drops tasks from each update with a probability built from
   the metrics in :mod:`dstmtl.metrics`.
@@ -10,6 +13,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from dstmtl import metrics
+from dstmtl.heads import FeaturePool, FusedLinearHead, FusedLinearHeads, Layout
 from dstmtl.loss import MaskedMultiTaskLoss
 from dstmtl.multihead import MultiHeadNet
 from dstmtl.scheduler import TaskDropScheduler
@@ -21,6 +25,10 @@ except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0+unknown"
 
 __all__ = [
+    "FeaturePool",
+    "FusedLinearHead",
+    "FusedLinearHeads",
+    "Layout",
     "MaskedMultiTaskLoss",
     "MultiHeadNet",
     "Task",

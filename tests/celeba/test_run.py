@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torchvision
 from torch.multiprocessing.spawn import spawn
 
-from dstmtl import MultiHeadNet
+from dstmtl import FusedLinearHead, MultiHeadNet
 
 TINY = ["--epochs", "2", "--batch-size", "16", "--image-size", "32", "--no-progress"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -91,7 +91,7 @@ def test_checkpoints_load_with_weights_only(finished_study: Path) -> None:
         assert state["result"]["method"] == method
         model = MultiHeadNet.from_torchvision("resnet18", tasks)
         head = model.heads["Male"]
-        assert isinstance(head, torch.nn.Linear)
+        assert isinstance(head, FusedLinearHead)
         untrained = head.weight.detach().clone()
         model.load_state_dict(state["model"])  # strict: a whole trained MultiHeadNet state
         assert not torch.equal(head.weight, untrained)
@@ -253,7 +253,7 @@ def test_a_study_of_an_older_format_is_not_resumed(
     config = json.loads((older / "study.json").read_text())
     del config["study_format"]  # as written before the format was recorded
     (older / "study.json").write_text(json.dumps(config))
-    fails(tiny_demo(older, "--resume", "--epochs", "3"), capsys, "study_format: was None, now 2")
+    fails(tiny_demo(older, "--resume", "--epochs", "3"), capsys, "study_format: was None, now 3")
 
 
 def test_missing_weights_say_where_to_put_them(
