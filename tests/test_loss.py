@@ -928,3 +928,61 @@ def test_task_options_are_stored_as_numbers() -> None:
     assert Task("binary", outputs=2, pos_weight=[3.0]).pos_weight == 3.0  # one for all labels
     assert Task("binary", outputs=2, pos_weight=(1, 2)).pos_weight == (1.0, 2.0)
     assert len({task, Task("multiclass", outputs=3, class_weights=(1, 2, 3))}) == 1  # hashable
+
+
+@pytest.mark.parametrize("one_output_column", [False, True])
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        ["binary", "binary", "binary"],
+        ["regression", "regression", "regression"],
+        ["binary", "regression", "binary"],
+    ],
+)
+def test_per_sample_tasks_in_one_target_tensor_match_the_general_path(
+    kinds: list[str], one_output_column: bool
+) -> None:
+    # Targets as one [B, K] tensor take one [B, K] call; by name they take the per-task path.
+    tasks: dict[str, TaskSpec] = {f"t{j}": Task(kind) for j, kind in enumerate(kinds)}  # type: ignore[arg-type]
+    if "regression" not in kinds:
+        tasks["t1"] = Task("binary", pos_weight=2.5)
+    loss_fn = MaskedMultiTaskLoss(tasks)
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    columns = base.split(1, dim=1) if one_output_column else base.unbind(dim=1)
+    outputs = dict(zip(tasks, columns, strict=True))
+    targets = torch.randint(0, 2, (6, 3), generator=generator).double()
+    targets[torch.rand(6, 3, generator=generator) < 0.3] = float("nan")
+    targets[:, 2] = float("nan")  # a task without labels
+    by_name = dict(zip(tasks, targets.unbind(dim=1), strict=True))
+
+    general = loss_fn(outputs, by_name)
+    general_counts = loss_fn.label_counts
+    (general_grad,) = torch.autograd.grad(general.sum(), base)
+    fast = loss_fn(outputs, targets)
+    (fast_grad,) = torch.autograd.grad(fast.sum(), base)
+
+    assert torch.equal(fast, general)
+    assert torch.equal(loss_fn.label_counts, general_counts)
+    assert torch.equal(fast_grad, general_grad)
+    assert fast[2] == 0
+    assert general_counts.tolist() == (~targets.isnan()).sum(dim=0).float().tolist()
+
+
+def test_tasks_without_outputs_get_nan_losses_and_no_labels() -> None:
+    loss_fn = MaskedMultiTaskLoss({"a": "binary", "b": "regression", "c": "binary"})
+    outputs = {"a": torch.tensor([2.0, -1.0], requires_grad=True), "c": torch.zeros(2)}
+    targets = torch.tensor([[1.0, 3.0, 0.0], [0.0, 4.0, 1.0]])
+    losses = loss_fn(outputs, targets)  # the heads of "b" did not run
+    assert losses[1].isnan()
+    # Masked out, as a scheduler masks a dropped task, it puts no NaN into the gradients.
+    torch.where(torch.tensor([True, False, True]), losses, 0.0).sum().backward()
+    assert outputs["a"].grad is not None
+    assert outputs["a"].grad.isfinite().all()
+    expected_a = F.binary_cross_entropy_with_logits(outputs["a"], targets[:, 0])
+    torch.testing.assert_close(losses[0], expected_a)
+    assert loss_fn.label_counts.tolist() == [2.0, 0.0, 2.0]
+    with pytest.raises(ValueError, match="unexpected \\['x'\\]"):
+        loss_fn({"a": torch.zeros(2), "x": torch.zeros(2)}, targets)
+    with pytest.raises(ValueError, match="missing"):
+        loss_fn({}, targets)

@@ -152,6 +152,29 @@ class MaskedMultiTaskLoss(nn.Module):
             if any_pos_weight and builtin.kind == "binary":
                 value = 1.0 if builtin.pos_weight is None else builtin.pos_weight
                 self.register_buffer(f"pos_weight_{j}", torch.tensor(value), persistent=False)
+        # One value per sample for every task: such tasks can skip the per-task loop when
+        # the targets come as one [B, K] tensor (see _column_losses).
+        per_sample = all(
+            isinstance(spec, _Builtin)
+            and spec.kind != "multiclass"
+            and spec.outputs in (None, 1)
+            and not isinstance(spec.pos_weight, tuple)
+            for spec in self._specs
+        )
+        self._column_kinds = {s.kind for _, s in builtins} if per_sample else set()
+        if len(self._column_kinds) == 2:
+            binary = [isinstance(s, _Builtin) and s.kind == "binary" for s in self._specs]
+            self.register_buffer("_column_binary", torch.tensor(binary), persistent=False)
+        if any_pos_weight and self._column_kinds:
+            column_weights = [
+                self.get_buffer(f"pos_weight_{j}")
+                if hasattr(self, f"pos_weight_{j}")
+                else torch.tensor(1.0)
+                for j in range(len(self._specs))
+            ]
+            self.register_buffer(
+                "_column_pos_weight", torch.stack(column_weights), persistent=False
+            )
         self._label_counts: Tensor | None = None
 
     @property
@@ -176,15 +199,19 @@ class MaskedMultiTaskLoss(nn.Module):
         A task with no labelled sample in the batch gets exactly 0 and a zero gradient.
 
         Args:
-            outputs: Model outputs by task name (e.g. from :class:`~dstmtl.MultiHeadNet`),
-                exactly the tasks.
+            outputs: Model outputs by task name (e.g. from :class:`~dstmtl.MultiHeadNet`):
+                every task, or a subset, e.g. ``model(x, tasks=scheduler.active_tasks)``. A
+                task without an output gets a NaN loss (with no gradient) and a label count
+                of 0, which :class:`~dstmtl.TaskDropScheduler` leaves out of its statistics
+                and, for a dropped task, out of the update; an active task needs its output.
             targets: Targets by task name (exactly the tasks), or one ``[B, K]`` tensor in
                 task order (one value per sample and task). Such a tensor mixing kinds is
                 floating: multiclass columns then hold class indices as floats, with NaN or
                 ``-1`` for a missing label.
 
         Raises:
-            ValueError: Task names that differ from the outputs' or the targets', a
+            ValueError: Output names that are not tasks, no output at all, target names that
+                differ from the tasks, a
                 ``[B, K]`` tensor with the wrong number of columns, a wrong output or target
                 shape, or a callable that does not return one value per sample.
             TypeError: ``outputs`` or ``targets`` that are not mappings by task name (for a
@@ -202,14 +229,22 @@ class MaskedMultiTaskLoss(nn.Module):
             "{name: out[:, j] for j, name in enumerate(loss_fn.task_names)}; for a list in "
             "task order, dict(zip(loss_fn.task_names, outputs))",
         )
-        check_same_tasks(self.task_names, outputs.keys(), what="model outputs")
+        fast = self._column_losses(outputs, targets)
+        if fast is not None:
+            losses, self._label_counts = fast
+            return losses
+        computed = [name for name in self.task_names if name in outputs]
+        if not computed or len(computed) < len(outputs):
+            check_same_tasks(self.task_names, outputs.keys(), what="model outputs")
         columns = self._target_columns(targets)
-        batch = _batch_size(outputs[self.task_names[0]], self.task_names[0])
+        batch = _batch_size(outputs[computed[0]], computed[0])
 
         per_task: list[Tensor | None] = [None] * len(self.task_names)
         counts: list[Tensor | None] = [None] * len(self.task_names)
         groups: dict[Hashable, _Group] = {}
         for j, (name, spec) in enumerate(zip(self.task_names, self._specs, strict=True)):
+            if name not in outputs:
+                continue
             output, target = outputs[name], columns[name]
             if isinstance(spec, _Builtin):
                 output, target = spec.pair(output, target, name, batch)
@@ -229,6 +264,14 @@ class MaskedMultiTaskLoss(nn.Module):
                 return means
             for column, j in enumerate(group.indices):
                 per_task[j], counts[j] = means[column], labelled[column]
+        if len(computed) < len(self.task_names):
+            # Tasks whose heads did not run (forward(x, tasks=...)): a NaN loss, which the
+            # scheduler leaves out of the statistics and of a dropped task's update.
+            reference = next(loss for loss in per_task if loss is not None)
+            for j, name in enumerate(self.task_names):
+                if name not in outputs:
+                    per_task[j] = torch.full_like(reference, float("nan"))
+                    counts[j] = torch.zeros((), dtype=torch.float32, device=reference.device)
         self._label_counts = torch.stack([c for c in counts if c is not None])
         return torch.stack([loss for loss in per_task if loss is not None])
 
@@ -301,6 +344,57 @@ class MaskedMultiTaskLoss(nn.Module):
         else:
             losses = F.mse_loss(output, safe_target, reduction="none")
         return _reduce(torch.where(labelled, losses, 0.0), labelled)
+
+    def _column_losses(
+        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor] | Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """The mean losses and sample counts of per-sample binary and regression tasks whose
+        outputs are all ``[B]`` or all ``[B, 1]`` and whose targets are one ``[B, K]`` tensor,
+        in one call over ``[B, K]``; ``None`` where that does not hold.
+
+        The general path checks and reshapes each task on its own, which costs more than the
+        loss itself with tens of tasks (a fused head's outputs are ``[B, 1]`` columns).
+        """
+        num_tasks = len(self.task_names)
+        if (
+            not self._column_kinds
+            or not isinstance(targets, Tensor)
+            or not targets.is_floating_point()
+            or targets.dim() != 2
+            or targets.shape[1] != num_tasks
+            or len(outputs) != num_tasks
+        ):
+            return None
+        columns = [outputs.get(name) for name in self.task_names]
+        first = columns[0]
+        batch = targets.shape[0]
+        if not isinstance(first, Tensor) or first.shape not in ((batch,), (batch, 1)):
+            return None
+        if any(not isinstance(c, Tensor) or c.shape != first.shape for c in columns):
+            return None
+        tensors = cast("list[Tensor]", columns)
+        output = torch.cat(tensors, dim=1) if first.dim() == 2 else torch.stack(tensors, dim=1)
+        dtype = _loss_dtype(output)
+        output = output.to(dtype)
+        labelled = ~targets.isnan()
+        safe_target = torch.where(labelled, targets, 0.0).to(dtype)
+        if self._column_kinds == {"regression"}:
+            element_losses = F.mse_loss(output, safe_target, reduction="none")
+        else:
+            element_losses = F.binary_cross_entropy_with_logits(
+                output, safe_target, pos_weight=self._column_pos_weights(dtype), reduction="none"
+            )
+            if "regression" in self._column_kinds:
+                squared = F.mse_loss(output, safe_target, reduction="none")
+                element_losses = torch.where(
+                    self.get_buffer("_column_binary"), element_losses, squared
+                )
+        return _reduce(torch.where(labelled, element_losses, 0.0), labelled)
+
+    def _column_pos_weights(self, dtype: torch.dtype) -> Tensor | None:
+        if not hasattr(self, "_column_pos_weight"):
+            return None
+        return self.get_buffer("_column_pos_weight").to(dtype)
 
     def _multiclass_losses(self, group: _Group) -> tuple[Tensor, Tensor]:
         output = _stack(group.outputs, dim=2)  # [B, C, K, *]
