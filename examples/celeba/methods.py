@@ -2,8 +2,13 @@
 
 Every method owns a :class:`dstmtl.TaskDropScheduler`: for DST it draws the gates, for the
 other methods it keeps every task (``Constant``) and only gathers the per-task training
-losses. The TorchJD methods receive ``scheduler.kept_losses(...)``, so when DST is combined
-with them the dropped tasks never reach the scalarizer or aggregator.
+losses. The aggregators receive ``scheduler.kept_losses(...)``, so when DST is combined
+with them the dropped tasks never reach the aggregator.
+
+A task without a labelled sample in the batch (its masked loss is exactly 0) is absent from
+that step for every method: the loss weightings of :mod:`dstmtl.study.weighting` skip it,
+and the aggregators get the Jacobian of the labelled tasks only (a zero row would make
+MGDA's minimum-norm combination 0 and shrink UPGrad's mean).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dstmtl.metrics import (
     TaskIncompleteness,
     TaskStagnancy,
 )
+from dstmtl.study import weighting
 
 if TYPE_CHECKING:
     from torchjd.aggregation import Aggregator
@@ -66,6 +72,12 @@ METHOD_NAMES = tuple(_METHODS)
 # Scalarizers that learn task weights from the losses they see: under torchrun each process
 # would learn its own (RLW's draws come from torch's RNG, seeded alike on every process).
 _LEARNS_WEIGHTS = ("UW", "DWA", "FAMO")
+_SCALARIZERS: dict[str, Callable[[int], nn.Module]] = {
+    "UW": weighting.UncertaintyWeighting,
+    "DWA": weighting.DynamicWeightAverage,
+    "Random": weighting.RandomWeighting,
+    "FAMO": weighting.FAMO,
+}
 
 
 def parse_methods(spec: str) -> tuple[str, ...]:
@@ -96,8 +108,7 @@ def check_methods(names: Sequence[str], *, tasks: int, distributed: bool) -> Non
     for name in names:
         spec = _spec(name)
         assert spec is not None, f"unchecked method name {name!r}"
-        _torchjd("scalarization", spec.scalarizer, name, tasks)
-        _torchjd("aggregation", spec.aggregator, name, tasks)
+        _torchjd(spec.aggregator, name)
         _check_launch(spec, name, distributed)
 
 
@@ -140,12 +151,10 @@ class Method:
         metrics = [_metric(metric, model, train_labels) for metric in spec.dst_metrics]
         self.scheduler = TaskDropScheduler(tasks, metrics, generator=seed)
         self._scalarizer_name = spec.scalarizer
-        self.scalarizer: nn.Module | None = _torchjd(
-            "scalarization", spec.scalarizer, name, len(tasks)
+        self.scalarizer: nn.Module | None = (
+            None if spec.scalarizer is None else _SCALARIZERS[spec.scalarizer](len(tasks))
         )
-        self.aggregator: Aggregator | None = _torchjd(
-            "aggregation", spec.aggregator, name, len(tasks)
-        )
+        self.aggregator: Aggregator | None = _torchjd(spec.aggregator, name)
         _check_launch(spec, name, distributed)
         self._model = model
 
@@ -174,14 +183,25 @@ class Method:
             from torchjd.autojac import jac_to_grad, mtl_backward
 
             kept = self.scheduler.kept_losses(losses, counts)
-            heads = [list(self._model.heads[t].parameters()) for t in self.scheduler.active_tasks]
+            # The aggregators synchronise anyway (they solve on the CPU), so reading which
+            # tasks are labelled costs nothing more.
+            labelled = dict(zip(self._model.task_names, (counts > 0).tolist(), strict=True))
+            active = [i for i, t in enumerate(self.scheduler.active_tasks) if labelled[t]]
+            if not active:
+                return  # no labelled task in the batch: no gradient, the step changes nothing
+            tasks = [self.scheduler.active_tasks[i] for i in active]
+            heads = [list(self._model.heads[t].parameters()) for t in tasks]
             shared = features if isinstance(features, Tensor) else list(features.values())
             # The binary losses share graph nodes above the features (one vectorised loss
             # call), so the graph must survive the per-task backward passes.
-            mtl_backward(list(kept), features=shared, tasks_params=heads, retain_graph=True)
+            mtl_backward(
+                [kept[i] for i in active], features=shared, tasks_params=heads, retain_graph=True
+            )
             jac_to_grad(list(self._model.backbone.parameters()), self.aggregator)
         elif self.scalarizer is not None:
-            self.scalarizer(self.scheduler.kept_losses(losses, counts)).backward()
+            # UW, DWA, RLW and FAMO are not combined with DST: they see every task, every step.
+            self.scheduler(losses, counts)  # the epoch's loss records
+            self.scalarizer(losses, counts).backward()
         else:
             self.scheduler(losses, counts).backward()
 
@@ -200,36 +220,12 @@ class Method:
         return {
             "scheduler": self.scheduler.state_dict(),
             "modules": [module.state_dict() for module in self.modules()],
-            "scalarizer_history": self._scalarizer_history(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         for module, module_state in zip(self.modules(), state["modules"], strict=True):
             module.load_state_dict(module_state)
-        self._load_scalarizer_history(state["scalarizer_history"])
-
-    # TorchJD 0.18 keeps DWA's epoch averages and FAMO's Adam outside ``state_dict()``, so a
-    # resumed run would restart them; these carry them through a checkpoint. Checkpoints are
-    # taken between epochs, where DWA has no partial sums and FAMO no pending losses.
-    def _scalarizer_history(self) -> dict[str, Any]:
-        scalarizer: Any = self.scalarizer
-        if self._scalarizer_name == "DWA":
-            return {"previous_averages": list(scalarizer._previous_averages)}
-        if self._scalarizer_name == "FAMO" and scalarizer._optimizer is not None:
-            return {"optimizer": scalarizer._optimizer.state_dict()}
-        return {}
-
-    def _load_scalarizer_history(self, history: dict[str, Any]) -> None:
-        scalarizer: Any = self.scalarizer
-        if "previous_averages" in history:
-            scalarizer._previous_averages = list(history["previous_averages"])
-        if "optimizer" in history:
-            optimizer = torch.optim.Adam(
-                [scalarizer._w], lr=scalarizer.lr, weight_decay=scalarizer.weight_decay
-            )
-            optimizer.load_state_dict(history["optimizer"])
-            scalarizer._optimizer = optimizer
 
 
 def _metric(name: str, model: MultiHeadNet, train_labels: npt.NDArray[np.float32]) -> Metric:
@@ -244,14 +240,12 @@ def _metric(name: str, model: MultiHeadNet, train_labels: npt.NDArray[np.float32
     return Constant()
 
 
-def _torchjd(kind: str, class_name: str | None, method: str, tasks: int) -> Any:
-    """A TorchJD scalarizer or aggregator by class name (``None`` for none)."""
+def _torchjd(class_name: str | None, method: str) -> Any:
+    """A TorchJD aggregator by class name (``None`` for none)."""
     if class_name is None:
         return None
     try:
-        module = importlib.import_module(f"torchjd.{kind}")
-        factory = getattr(module, class_name)
-        return factory(tasks) if class_name in ("UW", "FAMO") else factory()
+        return getattr(importlib.import_module("torchjd.aggregation"), class_name)()
     except ImportError as error:
         raise CelebAError(
             f"method {method!r} needs TorchJD and its solvers ({error}); install them with "

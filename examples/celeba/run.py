@@ -64,7 +64,8 @@ _SESSIONS_FILE = "sessions.json"
 _CHECKPOINTS = "checkpoints"
 # Bumped whenever the checkpoints change shape, so that --resume refuses an older study
 # instead of failing inside it. 2: the methods' TorchJD state (DWA, FAMO) is in the checkpoints.
-_STUDY_FORMAT = 2
+# 3: UW, DWA, RLW and FAMO are dstmtl.study.weighting modules (missing labels skipped).
+_STUDY_FORMAT = 3
 # The demo's defaults: small enough for about a minute on a 2-core CPU.
 _DEMO = {"epochs": 3, "batch_size": 32, "image_size": 64, "weights": "none", "demo_images": 1200}
 _FULL = {"epochs": 5, "batch_size": 256, "image_size": 128, "weights": "DEFAULT", "demo_images": 0}

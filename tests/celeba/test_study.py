@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,10 @@ import pytest
 import study
 import torch
 from celeba_files import CelebAError
-from methods import Method, check_methods
+from methods import METHOD_NAMES, Method, check_methods
 from torch import Tensor, nn
 
-from dstmtl import MultiHeadNet
+from dstmtl import MaskedMultiTaskLoss, MultiHeadNet
 
 TASKS = ("a", "b", "c")
 
@@ -118,3 +119,53 @@ def test_the_finished_checkpoint_holds_the_tested_weights(tmp_path: Path) -> Non
     trainer.model.load_state_dict(state["model"])
     counts = study.evaluate(trainer, SPLITS["test"])
     assert study.scores(counts, TASKS) == result["test"]
+
+
+def without_task_c(split: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """The split with task c unlabelled in every other batch."""
+    return [
+        (images, torch.where(torch.arange(3) == 2, float("nan"), labels) if i % 2 else labels)
+        for i, (images, labels) in enumerate(split)
+    ]
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_every_method_trains_with_a_task_absent_from_some_batches(
+    method: str, tmp_path: Path
+) -> None:
+    if method in ("upgrad", "mgda", "pcgrad", "dst+upgrad"):
+        pytest.importorskip("torchjd")
+    trainer = study.Trainer(method, tiny_model, TRAIN_LABELS, settings(tmp_path))
+    flips = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for images, labels in without_task_c(SPLITS["train"]):
+            trainer.step(images, labels, flips)
+        trainer.method.end_epoch()
+    for module in (trainer.model, *trainer.method.modules()):
+        for name, value in module.state_dict().items():
+            if isinstance(value, Tensor) and value.is_floating_point() and name != "means":
+                assert value.isfinite().all(), f"{method}: {name}"
+    assert all(math.isfinite(loss) for loss in trainer.method.scheduler.epoch_losses.values())
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_a_batch_without_one_task_still_trains_the_others(method: str) -> None:
+    """FAMO's log(0 + 1e-8) shrank the whole update to about 1e-8 of itself, and MGDA's
+    minimum-norm combination with the absent task's zero gradient was 0."""
+    if method in ("upgrad", "mgda", "pcgrad", "dst+upgrad"):
+        pytest.importorskip("torchjd")
+    torch.manual_seed(0)
+    model = tiny_model()
+    trained = Method(method, model, TRAIN_LABELS, seed=0, distributed=False)
+    images, labels = without_task_c(SPLITS["train"])[1]
+    loss_fn = MaskedMultiTaskLoss(dict.fromkeys(TASKS, "binary"))
+    features = model.forward_features(images.float() / 255)
+    losses = loss_fn(model.forward_heads(features), labels)
+    assert loss_fn.label_counts[2] == 0
+    trained.backward(losses, loss_fn.label_counts, features)
+    gradients = [p.grad for p in model.backbone.parameters()]
+    norm = torch.cat([g.flatten() for g in gradients if g is not None]).norm()
+    assert norm > 1e-3
+    head_c = model.heads["c"]
+    assert isinstance(head_c, nn.Linear)
+    assert head_c.weight.grad is None or not head_c.weight.grad.any()
