@@ -13,7 +13,6 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.distributed as dist
-from atomic import replacing
 from image_cache import prepare_batch
 from methods import Method
 from reporting import EpochRecord, EvaluationMetrics, RunResult
@@ -22,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dstmtl import MaskedMultiTaskLoss, MultiHeadNet
+from dstmtl.study._atomic import replacing
 
 # Rows of the per-task confusion counts gathered on the device during evaluation.
 _TP, _FP, _FN, _TN = range(4)
