@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ try:
     from celeba_files import (
         DEFAULT_ATTRIBUTES,
         CelebAError,
+        CelebAFiles,
         CelebASplit,
         load_splits,
         locate,
@@ -65,7 +67,8 @@ _CHECKPOINTS = "checkpoints"
 # Bumped whenever the checkpoints change shape, so that --resume refuses an older study
 # instead of failing inside it. 2: the methods' TorchJD state (DWA, FAMO) is in the checkpoints.
 # 3: UW, DWA, RLW and FAMO are dstmtl.study.weighting modules (missing labels skipped).
-_STUDY_FORMAT = 3
+# 4: study.json holds the label files' fingerprint.
+_STUDY_FORMAT = 4
 # The demo's defaults: small enough for about a minute on a 2-core CPU.
 _DEMO = {"epochs": 3, "batch_size": 32, "image_size": 64, "weights": "none", "demo_images": 1200}
 _FULL = {"epochs": 5, "batch_size": 256, "image_size": 128, "weights": "DEFAULT", "demo_images": 0}
@@ -125,11 +128,18 @@ def _study(
 
     session = _session(arguments, device, world_size)
 
-    def prepare() -> Path:
+    def choose_out() -> Path:
         out = Path(args.out or f"runs/{'demo' if args.demo else 'celeba'}-{_now('%Y%m%d-%H%M%S')}")
-        _prepare_out(out, config, resume=args.resume, overwrite=args.overwrite)
-        root = out / "demo_data" if args.demo else Path(args.root)
+        _check_out(out, resume=args.resume, overwrite=args.overwrite, demo=args.demo)
+        return out
+
+    out = _on_first_rank(choose_out, rank, world_size)
+    root = out / "demo_data" if args.demo else Path(args.root)
+
+    def fetch() -> None:
         if args.demo and not (root / "list_eval_partition.txt").exists():
+            if not args.resume:
+                _clear_replaced_study(out, overwrite=args.overwrite)
             generate_demo_celeba(
                 root,
                 n_images=args.demo_images,
@@ -139,12 +149,13 @@ def _study(
             )
         if args.download:
             _download(root)
-        return out
 
-    out = _on_first_rank(prepare, rank, world_size)
-    root = out / "demo_data" if args.demo else Path(args.root)
+    _on_first_rank(fetch, rank, world_size)
     files = locate(root)
     splits = load_splits(files, attributes)
+    config["data_fingerprint"] = _fingerprint(files)
+    if args.resume:
+        _on_first_rank(lambda: _compare_config(out, config), rank, world_size)
 
     def build_model() -> MultiHeadNet:
         weights = None if args.weights.lower() == "none" else args.weights
@@ -154,13 +165,18 @@ def _study(
             raise CelebAError(f"{error}. Pass --weights none to train from scratch.") from error
 
     depths = build_model().depths()  # also fails on missing weights before the data work
-    # Recorded only now, so that a start stopped by missing data or weights is not listed
-    # as a session of the study.
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache" if args.demo else None
+    # Decodes every image into the cache, so a missing or broken image stops the start here.
+    batches = _batch_source(args, splits, files.image_dir, cache_dir, rank, world_size, device)
+    # The study and this session are recorded only now, so that a start stopped by the data
+    # checks leaves no study behind and the same command runs once the data is fixed.
+    if not args.resume:
+        _on_first_rank(
+            lambda: _create_study(out, config, overwrite=args.overwrite), rank, world_size
+        )
     sessions = _on_first_rank(
         lambda: _record_session(out, session, resume=args.resume), rank, world_size
     )
-    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache" if args.demo else None
-    batches = _batch_source(args, splits, files.image_dir, cache_dir, rank, world_size, device)
     settings = Settings(
         epochs=args.epochs,
         learning_rate=args.lr,
@@ -304,38 +320,85 @@ def _start_processes(device_name: str | None) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def _prepare_out(out: Path, config: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+def _check_out(out: Path, *, resume: bool, overwrite: bool, demo: bool) -> None:
+    """Refuse an output folder that cannot hold this study, before any work; writes nothing."""
     study_file = out / _STUDY_FILE
-    if resume:
-        if not study_file.exists():
-            raise CelebAError(f"--resume: {out} holds no study to resume (no {_STUDY_FILE})")
-        saved = json.loads(study_file.read_text())
-        differing = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
-        if differing:
-            details = ", ".join(
-                f"{k}: was {saved.get(k)!r}, now {config.get(k)!r}" for k in differing
-            )
-            raise CelebAError(
-                f"--resume needs the options of the interrupted study; {details}. Rerun with "
-                "those options, or start the study again with --overwrite"
-            )
-        return
-    if out.exists() and any(out.iterdir()):
+    try:
+        if resume:
+            if not study_file.exists():
+                raise CelebAError(f"--resume: {out} holds no study to resume (no {_STUDY_FILE})")
+            return
+        if out.exists() and not out.is_dir():
+            raise CelebAError(f"--out {out} is a file, not a folder; choose another --out")
+        if not out.exists() or not any(out.iterdir()):
+            return
+        if study_file.exists():
+            if not overwrite:
+                raise CelebAError(
+                    f"{out} already holds another study; pass --resume to continue it, "
+                    "--overwrite to replace it, or choose another --out"
+                )
+            return
+        # What a --demo start leaves when it stops before its study is recorded.
+        if demo and {entry.name for entry in out.iterdir()} <= {"demo_data", "cache"}:
+            return
         # --overwrite deletes the folder, so only a folder that is a study qualifies: a
         # mistyped --out must not delete a dataset or a home folder.
-        if not study_file.exists():
-            raise CelebAError(
-                f"{out} already holds files that are not a study (no {_STUDY_FILE}); choose "
-                "another --out, or empty the folder yourself"
-            )
-        if not overwrite:
-            raise CelebAError(
-                f"{out} already holds another study; pass --resume to continue it, "
-                "--overwrite to replace it, or choose another --out"
-            )
+        raise CelebAError(
+            f"{out} already holds files that are not a study (no {_STUDY_FILE}); choose "
+            "another --out, or empty the folder yourself"
+        )
+    except OSError as error:
+        raise CelebAError(f"cannot use {out} as the study folder: {error}") from error
+
+
+def _compare_config(out: Path, config: dict[str, Any]) -> None:
+    saved = json.loads((out / _STUDY_FILE).read_text())
+    if "data_fingerprint" in saved and saved["data_fingerprint"] != config["data_fingerprint"]:
+        changed = sorted(
+            name
+            for name in config["data_fingerprint"].keys() | saved["data_fingerprint"].keys()
+            if config["data_fingerprint"].get(name) != saved["data_fingerprint"].get(name)
+        )
+        raise CelebAError(
+            f"the data changed since the study started ({', '.join(changed)}); its runs were "
+            "trained on the old files. Restore them to --resume, or start the study again "
+            "with --overwrite"
+        )
+    differing = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
+    if differing:
+        details = ", ".join(f"{k}: was {saved.get(k)!r}, now {config.get(k)!r}" for k in differing)
+        raise CelebAError(
+            f"--resume needs the options of the interrupted study; {details}. Rerun with "
+            "those options, or start the study again with --overwrite"
+        )
+
+
+def _clear_replaced_study(out: Path, *, overwrite: bool) -> None:
+    """Delete the study that --overwrite replaces (``_check_out`` allowed it)."""
+    if overwrite and (out / _STUDY_FILE).exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    reporting.write_json(config, study_file)
+
+
+def _create_study(out: Path, config: dict[str, Any], *, overwrite: bool) -> None:
+    try:
+        _clear_replaced_study(out, overwrite=overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        reporting.write_json(config, out / _STUDY_FILE)
+    except OSError as error:
+        raise CelebAError(f"cannot create the study folder {out}: {error}") from error
+
+
+def _fingerprint(files: CelebAFiles) -> dict[str, str]:
+    """SHA-256 of the label files, so that --resume refuses changed labels or splits.
+
+    The images are not hashed (200,000 files); the image cache keys on their sizes and
+    modification times.
+    """
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in (files.attributes_file, files.partition_file)
+    }
 
 
 def _download(root: Path) -> None:

@@ -253,7 +253,7 @@ def test_a_study_of_an_older_format_is_not_resumed(
     config = json.loads((older / "study.json").read_text())
     del config["study_format"]  # as written before the format was recorded
     (older / "study.json").write_text(json.dumps(config))
-    fails(tiny_demo(older, "--resume", "--epochs", "3"), capsys, "study_format: was None, now 3")
+    fails(tiny_demo(older, "--resume", "--epochs", "3"), capsys, "study_format: was None, now 4")
 
 
 def test_missing_weights_say_where_to_put_them(
@@ -489,7 +489,7 @@ def test_the_dataloader_fallback_checks_and_reports_images(
     assert "worker" not in message
 
 
-def test_a_start_stopped_by_missing_data_is_not_a_session(
+def test_a_start_stopped_by_missing_data_leaves_no_study(
     demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = demo_copy
@@ -500,15 +500,68 @@ def test_a_start_stopped_by_missing_data_is_not_a_session(
     argv = ["--root", str(root), "--out", str(out), "--weights", "none", "--methods", "equal"]
     argv += [*TINY, "--epochs", "1"]
     fails(argv, capsys, "list_eval_partition.txt")
-    fails([*argv, "--resume"], capsys, "list_eval_partition.txt")
-    assert not (out / "sessions.json").exists()
+    assert not out.exists()
+    fails(["--root", str(tmp_path / "nowhere"), *argv[2:]], capsys, "nowhere")
+    assert not out.exists()
 
     partition.write_text(partition_text)
-    assert run.main([*argv, "--resume"]) == 0
+    # The same command, once the data is fixed: not refused as "another study".
+    assert run.main(argv) == 0
     study = json.loads((out / "metrics.json").read_text())["study"]
-    # The start that trained is the study's first, not a resume of an unknown one.
-    assert study["argv"] == [*argv, "--resume"]
+    assert study["argv"] == argv
     assert study["resumed"] == []
+
+
+def test_a_start_stopped_by_a_broken_image_leaves_no_study(
+    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = demo_copy
+    image = sorted((root / "img_align_celeba").iterdir())[0]
+    original = image.read_bytes()
+    image.write_bytes(original[:300])  # truncated
+    out = tmp_path / "study"
+    argv = ["--root", str(root), "--out", str(out), "--weights", "none", "--methods", "equal"]
+    argv += [*TINY, "--epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--workers", "0"]
+    fails(argv, capsys, image.name)
+    assert not (out / "study.json").exists()
+    assert not (out / "sessions.json").exists()
+    image.write_bytes(original)
+    assert run.main(argv) == 0
+
+
+@pytest.mark.parametrize("parent_is", ["file", "sys"])
+def test_an_out_folder_that_cannot_be_created_is_a_one_line_error(
+    parent_is: str, demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = blocker / "out" if parent_is == "file" else Path("/sys/dstmtl-study-test")
+    if parent_is == "sys" and not Path("/sys").is_dir():
+        pytest.skip("no /sys here")
+    argv = ["--root", str(demo_root), "--out", str(out), "--weights", "none", "--methods", "equal"]
+    fails([*argv, *TINY, "--cache-dir", str(tmp_path / "cache")], capsys, str(out))
+
+
+def test_resume_refuses_changed_labels(
+    finished_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    changed = tmp_path / "changed"
+    shutil.copytree(finished_study, changed)
+    attributes = changed / "demo_data" / "list_attr_celeba.txt"
+    lines = attributes.read_text().splitlines()
+    # Flip the first attribute column of every image (rows after the count and header).
+    flipped = [
+        line
+        if i < 2
+        else " ".join([line.split()[0], str(-int(line.split()[1])), *line.split()[2:]])
+        for i, line in enumerate(lines)
+    ]
+    attributes.write_text("\n".join(flipped) + "\n")
+    fails(
+        tiny_demo(changed, "--resume", "--epochs", "3"),
+        capsys,
+        "the data changed since the study started (list_attr_celeba.txt)",
+    )
 
 
 def test_a_study_from_before_sessions_keeps_its_resume_apart(tmp_path: Path) -> None:
