@@ -14,6 +14,7 @@ leaves no figures open between calls.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import re
@@ -201,6 +202,7 @@ def markdown_report(results: Results, *, terms_epoch: int | None = None) -> str:
         ),
         _per_task_section(results, "F1", "f1", "mean_f1", []),
         _comparison_section(results),
+        *([_dst_drops_section(results)] if any(map(_has_terms, results["runs"].values())) else []),
         _network_depth_section(results),
     ]
     for name, run in results["runs"].items():
@@ -449,7 +451,9 @@ def _comparison_section(results: Results) -> str:
                 str(run["selected_epoch"]),
                 f"{run['wall_seconds']:.1f}",
                 f"{run['wall_seconds'] / 60:.2f}",
-                "reference" if name == reference_name else f"{difference:+.4f}",
+                "reference"
+                if name == reference_name
+                else f"{difference:+.4f}" + (" †" if _has_terms(run) and dst_drops(run)[1] else ""),
             ]
         )
     header = [
@@ -468,28 +472,74 @@ def _comparison_section(results: Results) -> str:
     note = (
         "Mean rank: the run's rank by test accuracy on each task (1 = best, ties share their "
         "average rank), averaged over tasks. The selected epoch is the one with the best "
-        "validation mean accuracy; its weights were tested."
+        "validation mean accuracy; its weights were tested. †: a DST run whose selected "
+        "weights predate its first drop (see DST drops): the difference is not DST's."
     )
     return f"## Method comparison\n\n{_table(header, rows, labels=3)}\n\n{note}"
 
 
+def dst_drops(run: RunResult) -> tuple[list[int], bool]:
+    """The epochs in which DST dropped a task, and whether the selected epoch precedes the
+    first of them (then the tested weights are those of an equal-weight run)."""
+    epochs = run["epochs"]
+    drops = [
+        record["epoch"]
+        for previous, record in itertools.pairwise(epochs)
+        if not all(previous["gates"].values())
+    ]
+    return drops, not drops or run["selected_epoch"] < drops[0]
+
+
+def _dst_drops_section(results: Results) -> str:
+    rows = []
+    for name, run in results["runs"].items():
+        if not _has_terms(run):
+            continue
+        drops, before = dst_drops(run)
+        note = (
+            "DST dropped no task before the selected epoch: these weights are an equal-weight "
+            "run's, so the comparison says nothing about DST"
+            if before
+            else ""
+        )
+        rows.append(
+            [
+                name,
+                str(len(drops)),
+                str(drops[0]) if drops else "none",
+                str(run["selected_epoch"]),
+                note,
+            ]
+        )
+    header = ["run", "epochs with a task dropped", "first such epoch", "selected epoch", "note"]
+    text = (
+        "DST keeps every task in its first two epochs (the warm-up, then the epoch its first "
+        "draw is computed in), so a run needs more than three epochs for dropping to act, "
+        "and the epoch selected on validation must come after the first drop."
+    )
+    return f"## DST drops\n\n{_table(header, rows, labels=1)}\n\n{text}"
+
+
 def _keep_probability_section(results: Results, run_name: str) -> str:
     tasks = _tasks(results)
+    records = results["runs"][run_name]["epochs"]
     rows = [
         [
             str(record["epoch"]),
             *(
                 _fmt(record["keep_probabilities"].get(task))
-                + ("" if record["gates"].get(task, True) else " (dropped)")
+                # The last epoch's draw applies to no epoch: the run ends first.
+                + ("" if record["gates"].get(task, True) or last else " (dropped)")
                 for task in tasks
             ),
         ]
-        for record in results["runs"][run_name]["epochs"]
+        for record, last in zip(records, [False] * (len(records) - 1) + [True], strict=True)
     ]
     table = _table(["epoch", *tasks], rows)
     note = (
         'Computed at the end of each epoch; "(dropped)": the draw made then left the task '
-        "out of the next epoch's updates."
+        "out of the next epoch's updates. The last epoch's draw is not marked: no epoch "
+        "applied it."
     )
     return f"## Keep probabilities per epoch: {run_name}\n\n{table}\n\n{note}"
 

@@ -262,7 +262,7 @@ def test_method_comparison(results: Results) -> None:
     # method, description, accuracy, balanced, F1, rank, epoch, seconds, minutes, difference
     assert equal[5:] == ["2.17", "1", "95.0", "1.58", "reference"]
     assert dst[:2] == ["dst", "DST, task incompleteness"]
-    assert dst[5:] == ["1.33", "1", "180.0", "3.00", "+0.0200"]
+    assert dst[5:] == ["1.33", "1", "180.0", "3.00", "+0.0200 †"]  # selected before a drop
     assert uw[5] == "2.50"
     assert uw[-1] == f"{_mean(ACCURACY['uw']) - _mean(ACCURACY['equal']):+.4f}"
     assert dst[2:5] == [f"{_mean(table['dst']):.4f}" for table in (ACCURACY, BALANCED, F1)]
@@ -283,7 +283,7 @@ def test_terms_and_keep_probability_tables(results: Results) -> None:
 
     keep = _section(markdown, "Keep probabilities per epoch: dst")
     assert _row(keep, "0") == ["1.0000", "1.0000", "1.0000"]
-    assert _row(keep, "2") == ["0.9000", "0.6000", "0.3000 (dropped)"]  # gates: p > 0.5
+    assert _row(keep, "1") == ["0.8000", "0.7000", "0.4000 (dropped)"]  # gates: p > 0.5
 
 
 def test_training_loss_table_shows_nan_and_selected_epoch(results: Results) -> None:
@@ -366,3 +366,27 @@ def test_summary_with_forty_tasks_still_fits(results: Results) -> None:
     assert len(lines) <= 25
     assert any("more tasks in results.md" in line for line in lines)
     assert lines[-1].startswith("mean ")
+
+
+def test_the_dst_drops_section_warns_when_the_selected_epoch_predates_the_first_drop(
+    results: Results,
+) -> None:
+    # The fixture's DST draw at the end of epoch 1 drops Young, so epoch 2 is the first with
+    # a task dropped, and the selected epoch is 1.
+    run = results["runs"]["dst"]
+    assert reporting.dst_drops(run) == ([2], True)
+    markdown = reporting.markdown_report(results)
+    drops = _section(markdown, "DST drops")
+    assert "| dst " in drops
+    assert "these weights are an equal-weight run's" in drops
+    comparison = _section(markdown, "Method comparison")
+    assert "†" in _row(comparison, "dst")[-1]
+    run["selected_epoch"] = 2
+    assert reporting.dst_drops(run) == ([2], False)
+    assert "equal-weight run's" not in _section(reporting.markdown_report(results), "DST drops")
+
+
+def test_a_draw_that_no_epoch_applies_is_not_marked_dropped(results: Results) -> None:
+    keep = _section(reporting.markdown_report(results), "Keep probabilities per epoch: dst")
+    assert _row(keep, "1")[-1] == "0.4000 (dropped)"  # applied in epoch 2
+    assert _row(keep, "2")[-1] == "0.3000"  # the run ended: no epoch applied it
