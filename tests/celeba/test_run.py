@@ -572,3 +572,11 @@ def test_a_study_from_before_sessions_keeps_its_resume_apart(tmp_path: Path) -> 
     assert sessions[0]["command"].startswith("unknown")
     again = run._record_session(tmp_path, resume, resume=True)
     assert again == [*sessions, resume]
+
+
+@pytest.mark.parametrize("defaults", [run._DEMO, run._FULL], ids=["demo", "full"])
+def test_the_default_epochs_leave_dst_epochs_to_drop_in(defaults: dict[str, Any]) -> None:
+    # DST's first draw is made at the end of epoch 1 and acts from epoch 2 on.
+    epochs = defaults["epochs"]
+    assert isinstance(epochs, int)
+    assert epochs - 2 >= 3
