@@ -87,6 +87,7 @@ class Study(TypedDict):
     finished: str | None
     resumed: list[Session]
     network_depth: dict[str, int]
+    load_average: dict[str, list[float] | None]
 
 
 class ValidationMetrics(TypedDict):
@@ -473,7 +474,11 @@ def _comparison_section(results: Results) -> str:
         "Mean rank: the run's rank by test accuracy on each task (1 = best, ties share their "
         "average rank), averaged over tasks. The selected epoch is the one with the best "
         "validation mean accuracy; its weights were tested. †: a DST run whose selected "
-        "weights predate its first drop (see DST drops): the difference is not DST's."
+        "weights predate its first drop (see DST drops): the difference is not DST's. Wall "
+        "time is not a cost comparison on a shared host: it follows the other processes' "
+        f"load as much as the method's work (load average at the start "
+        f"{_load(results['study'].get('load_average', {}).get('start'))}, at the end "
+        f"{_load(results['study'].get('load_average', {}).get('end'))})."
     )
     return f"## Method comparison\n\n{_table(header, rows, labels=3)}\n\n{note}"
 
@@ -518,6 +523,11 @@ def _dst_drops_section(results: Results) -> str:
         "and the epoch selected on validation must come after the first drop."
     )
     return f"## DST drops\n\n{_table(header, rows, labels=1)}\n\n{text}"
+
+
+def _load(value: list[float] | None) -> str:
+    """A load-average triple as 1-, 5- and 15-minute values."""
+    return "not recorded" if value is None else "/".join(f"{v:.2f}" for v in value)
 
 
 def _keep_probability_section(results: Results, run_name: str) -> str:

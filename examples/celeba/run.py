@@ -209,6 +209,7 @@ def _study(
             )
         return 130  # the shell's status for a SIGINT
     results["study"]["finished"] = _now()
+    results["study"]["load_average"]["end"] = _load_average()
     if rank == 0:
         reporting.write_report(results, out, terms_epoch=args.terms_epoch)
         print(reporting.summary(results, out_dir=out))
@@ -568,6 +569,7 @@ def _study_info(
         finished=None,
         resumed=sessions[1:],
         network_depth=depths,
+        load_average={"start": _load_average(), "end": None},
     )
 
 
@@ -656,6 +658,14 @@ def _on_first_rank(work: Callable[[], _T], rank: int, world_size: int) -> _T:
         raise CelebAError(value)
     result: _T = value
     return result
+
+
+def _load_average() -> list[float] | None:
+    """The host's 1, 5 and 15-minute load averages, where the system reports them."""
+    try:
+        return list(os.getloadavg())
+    except (AttributeError, OSError):
+        return None
 
 
 def _now(fmt: str | None = None) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
@@ -184,6 +186,10 @@ def run_method(
                 seconds=time.perf_counter() - started,
             )
         )
+        if settings.is_main:
+            # One line per epoch that survives in a log (the bars are erased) and with
+            # --no-progress.
+            _log_epoch(method_name, history[-1], settings.epochs)
         # Model selection on the validation split only; the test split is read once, below.
         if valid["mean_accuracy"] > best["score"]:
             best = {
@@ -273,6 +279,19 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any] | None:
         return None
     state: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
     return state
+
+
+def _log_epoch(method_name: str, record: EpochRecord, epochs: int) -> None:
+    losses = [v for v in record["train_loss"].values() if v is not None and math.isfinite(v)]
+    line = (
+        f"{method_name} epoch {record['epoch'] + 1}/{epochs}: train loss "
+        f"{sum(losses) / max(len(losses), 1):.4f}, valid mean accuracy "
+        f"{record['valid']['mean_accuracy']:.4f}, {record['seconds']:.1f} s"
+    )
+    dropped = [task for task, kept in record["gates"].items() if not kept]
+    if dropped and record["epoch"] + 1 < epochs:
+        line += f"; next epoch drops {', '.join(dropped)}"
+    tqdm.write(line, file=sys.stdout)
 
 
 def _progress(

@@ -114,6 +114,7 @@ def _results() -> Results:
             "finished": "2024-01-01T00:05:00",
             "resumed": [],
             "network_depth": dict.fromkeys(TASKS, 18),
+            "load_average": {"start": [1.0, 2.0, 3.0], "end": [4.0, 2.5, 3.0]},
         },
         "majority_baseline": {"Male": 0.58, "Smiling": 0.52, "Young": 0.77},
         "test_positive_rate": {"Male": 0.42, "Smiling": 0.48, "Young": 0.77},
@@ -390,3 +391,9 @@ def test_a_draw_that_no_epoch_applies_is_not_marked_dropped(results: Results) ->
     keep = _section(reporting.markdown_report(results), "Keep probabilities per epoch: dst")
     assert _row(keep, "1")[-1] == "0.4000 (dropped)"  # applied in epoch 2
     assert _row(keep, "2")[-1] == "0.3000"  # the run ended: no epoch applied it
+
+
+def test_wall_time_is_flagged_as_the_hosts_load(results: Results) -> None:
+    note = _section(reporting.markdown_report(results), "Method comparison")
+    assert "not a cost comparison on a shared host" in note
+    assert "at the start 1.00/2.00/3.00, at the end 4.00/2.50/3.00" in note

@@ -580,3 +580,17 @@ def test_the_default_epochs_leave_dst_epochs_to_drop_in(defaults: dict[str, Any]
     epochs = defaults["epochs"]
     assert isinstance(epochs, int)
     assert epochs - 2 >= 3
+
+
+def test_each_epoch_prints_a_line_without_progress_bars(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    argv = ["--root", str(demo_root), "--out", str(out), "--weights", "none", "--methods", "equal"]
+    assert run.main([*argv, *TINY, "--cache-dir", str(tmp_path / "cache")]) == 0
+    printed = capsys.readouterr().out
+    for epoch in (1, 2):
+        assert f"equal epoch {epoch}/2: train loss " in printed
+    assert "valid mean accuracy" in printed
+    study = json.loads((out / "metrics.json").read_text())["study"]
+    assert set(study["load_average"]) == {"start", "end"}
