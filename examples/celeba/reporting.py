@@ -56,6 +56,7 @@ class Hardware(TypedDict):
     device_name: str
     cpu: str
     gpus: int
+    processes: int
 
 
 class Session(TypedDict):
@@ -82,6 +83,7 @@ class Study(TypedDict):
     attributes: list[str]
     image_size: int
     batch_size: int
+    effective_batch_size: int
     epochs: int
     started: str
     finished: str | None
@@ -369,8 +371,10 @@ def _header_section(results: Results) -> str:
         "",
         f"- Dataset: {study['dataset']} (`{study['root']}`)",
         f"- Attributes ({len(study['attributes'])}): {', '.join(study['attributes'])}",
-        f"- Image size: {study['image_size']} px; batch size: {study['batch_size']}; "
-        f"epochs: {study['epochs']}; seed: {study['seed']}",
+        f"- Image size: {study['image_size']} px; batch size: {study['batch_size']} per "
+        f"process, {study.get('effective_batch_size', study['batch_size'])} per step over "
+        f"{hardware.get('processes', 1)} process(es); epochs: {study['epochs']}; "
+        f"seed: {study['seed']}",
         f"- Hardware: {hardware['device']} ({hardware['device_name']}){gpus}; "
         f"CPU: {hardware['cpu']}",
         f"- Versions: dstmtl {study['dstmtl_version']}, torch {study['torch_version']}",

@@ -190,7 +190,7 @@ def _study(
         checkpoint_dir=out / _CHECKPOINTS,
     )
     results = reporting.Results(
-        study=_study_info(args, attributes, root, sessions, depths),
+        study=_study_info(args, attributes, root, sessions, depths, world_size),
         majority_baseline=_majority(splits["train"].labels, splits["test"].labels, attributes),
         test_positive_rate=_positive_rate(splits["test"].labels, attributes),
         runs={},
@@ -550,6 +550,7 @@ def _study_info(
     root: Path,
     sessions: list[reporting.Session],
     depths: dict[str, int],
+    world_size: int,
 ) -> reporting.Study:
     first = sessions[0]
     return reporting.Study(
@@ -564,6 +565,7 @@ def _study_info(
         attributes=list(attributes),
         image_size=args.image_size,
         batch_size=args.batch_size,
+        effective_batch_size=args.batch_size * world_size,
         epochs=args.epochs,
         started=first["started"],
         finished=None,
@@ -576,7 +578,7 @@ def _study_info(
 def _session(arguments: list[str], device: torch.device, world_size: int) -> reporting.Session:
     cuda = device.type == "cuda"
     return reporting.Session(
-        command=shlex.join([Path(sys.executable).name, __file__, *arguments]),
+        command=shlex.join([*_launcher(world_size), __file__, *arguments]),
         argv=arguments,
         started=_now(),
         hardware=reporting.Hardware(
@@ -584,8 +586,18 @@ def _session(arguments: list[str], device: torch.device, world_size: int) -> rep
             device_name=torch.cuda.get_device_name(device) if cuda else _cpu_name(),
             cpu=f"{platform.machine()}, {os.cpu_count()} cores",
             gpus=world_size if cuda else 0,
+            processes=world_size,
         ),
     )
+
+
+def _launcher(world_size: int) -> list[str]:
+    """The command that started this process: torchrun with its process counts, or python."""
+    if world_size == 1:
+        return [Path(sys.executable).name]
+    local = os.environ.get("LOCAL_WORLD_SIZE", str(world_size))
+    nodes = int(world_size) // max(int(local), 1)
+    return ["torchrun", f"--nproc_per_node={local}", *([f"--nnodes={nodes}"] if nodes > 1 else [])]
 
 
 def _record_session(
@@ -605,7 +617,9 @@ def _record_session(
                 command=unknown,
                 argv=[],
                 started=unknown,
-                hardware=reporting.Hardware(device="unknown", device_name=unknown, cpu="", gpus=0),
+                hardware=reporting.Hardware(
+                    device="unknown", device_name=unknown, cpu="", gpus=0, processes=1
+                ),
             )
         )
     sessions.append(session)

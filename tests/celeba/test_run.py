@@ -384,6 +384,10 @@ def test_torchrun_with_two_processes(tmp_path: Path) -> None:
     results = json.loads((out / "metrics.json").read_text())
     assert list(results["runs"]) == ["equal", "dst"]
     assert all(0 <= v <= 1 for v in results["runs"]["dst"]["test"]["accuracy"].values())
+    # Its own record reproduces it: the launcher, the processes and the batch per step.
+    assert results["study"]["command"].startswith("torchrun --nproc_per_node=2 ")
+    assert results["study"]["hardware"]["processes"] == 2
+    assert results["study"]["effective_batch_size"] == 32
 
 
 def test_the_dataloader_fallback_runs_the_study(tmp_path: Path) -> None:
@@ -594,3 +598,15 @@ def test_each_epoch_prints_a_line_without_progress_bars(
     assert "valid mean accuracy" in printed
     study = json.loads((out / "metrics.json").read_text())["study"]
     assert set(study["load_average"]) == {"start", "end"}
+
+
+def test_a_torchrun_session_records_its_launcher_and_processes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    session = run._session(["--demo"], torch.device("cpu"), 2)
+    assert session["command"].startswith("torchrun --nproc_per_node=2 ")
+    assert session["command"].endswith("run.py --demo")
+    assert session["hardware"]["processes"] == 2
+    alone = run._session(["--demo"], torch.device("cpu"), 1)
+    assert alone["command"].split()[0].startswith("python")
