@@ -264,7 +264,7 @@ def plot_keep_probabilities(results: Results, run_name: str, path: Path) -> None
         run_name,
         path,
         "keep_probabilities",
-        title="Keep probability per task",
+        title="Keep probability per task (x: the draw dropped it from the next epoch)",
         ylabel="keep probability",
         ylim=(0.0, 1.05),
     )
@@ -285,14 +285,26 @@ def plot_accuracy_bars(results: Results, path: Path) -> None:
     # Wide enough for every bar to stay visible, capped so 40 tasks remain one image.
     figure = Figure(figsize=(min(20.0, max(6.0, len(groups) * (0.3 * len(runs) + 0.4))), 4.8))
     axes = figure.add_subplot()
+    colours = run_colours(len(runs))
     for index, (name, heights) in enumerate(values.items()):
         offset = (index - (len(runs) - 1) / 2) * width
         positions = [group + offset for group in range(len(groups))]
-        axes.bar(positions, heights, width, label=name, color=f"C{index % 10}")
+        axes.bar(positions, heights, width, label=name, color=colours[index])
     axes.axvline(len(tasks) - 0.5, color="grey", linestyle="--", linewidth=0.8)
+    # The majority class per task: the level a run must beat, on an axis not starting at 0.
+    majority = [results["majority_baseline"][task] for task in tasks]
+    majority.append(sum(majority) / len(majority))
+    axes.hlines(
+        majority,
+        [group - 0.45 for group in range(len(groups))],
+        [group + 0.45 for group in range(len(groups))],
+        colors="black",
+        linewidth=1.5,
+        label="majority class",
+    )
 
     # Runs usually differ by a point or two, invisible on an axis that starts at zero.
-    finite = [v for heights in values.values() for v in heights if math.isfinite(v)]
+    finite = [v for heights in [*values.values(), majority] for v in heights if math.isfinite(v)]
     low, high = min(finite), max(finite)
     pad = max(0.01, 0.1 * (high - low))
     axes.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
@@ -487,6 +499,23 @@ def _comparison_section(results: Results) -> str:
     return f"## Method comparison\n\n{_table(header, rows, labels=3)}\n\n{note}"
 
 
+def run_colours(count: int) -> list[str | tuple[float, float, float, float]]:
+    """One colour per run, all distinct: matplotlib's ten, then tab20's twenty, then tab20
+    again (beyond 20 runs a colour repeats)."""
+    if count <= 10:
+        return [f"C{index}" for index in range(count)]
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"]
+    return [tab20(index % 20) for index in range(count)]
+
+
+def dropping_draws(run: RunResult, task: str) -> list[int]:
+    """The epochs whose end-of-epoch draw dropped ``task`` from a following epoch (the last
+    epoch's draw applies to none)."""
+    return [record["epoch"] for record in run["epochs"][:-1] if not record["gates"].get(task, True)]
+
+
 def dst_drops(run: RunResult) -> tuple[list[int], bool]:
     """The epochs in which DST dropped a task, and whether the selected epoch precedes the
     first of them (then the tested weights are those of an equal-weight run)."""
@@ -662,15 +691,31 @@ def _plot_per_task_series(
         values = [_as_float(record[field].get(task)) for record in run["epochs"]]
         # Ten colours, then the next line style, so up to 40 tasks stay distinguishable.
         linestyle = ("-", "--", ":", "-.")[index // 10 % 4]
+        # Lines on the same values (every keep probability at 1.0) hide each other: earlier
+        # tasks are drawn wider and below, so each shows as a ring around the next.
         axes.plot(
             epochs,
             values,
             marker="o",
-            markersize=3,
+            markersize=3 + 1.5 * (len(tasks) - 1 - index) / max(len(tasks) - 1, 1) * 3,
+            linewidth=1 + 2 * (len(tasks) - 1 - index) / max(len(tasks) - 1, 1),
             color=f"C{index % 10}",
             linestyle=linestyle,
             label=task,
+            zorder=2 + index,
         )
+        if field == "keep_probabilities":
+            dropped = dropping_draws(run, task)
+            axes.plot(
+                dropped,
+                [values[epochs.index(epoch)] for epoch in dropped],
+                linestyle="none",
+                marker="x",
+                markersize=9,
+                color=f"C{index % 10}",
+                zorder=100,
+                label=None,
+            )
     if ylim is not None:
         axes.set_ylim(*ylim)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))

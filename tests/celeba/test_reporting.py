@@ -404,3 +404,18 @@ def test_wall_time_is_flagged_as_the_hosts_load(results: Results) -> None:
     note = _section(reporting.markdown_report(results), "Method comparison")
     assert "not a cost comparison on a shared host" in note
     assert "at the start 1.00/2.00/3.00, at the end 4.00/2.50/3.00" in note
+
+
+def test_twelve_runs_get_twelve_colours() -> None:
+    for count in (3, 12, 20):
+        colours = reporting.run_colours(count)
+        assert len(set(map(str, colours))) == count
+
+
+def test_the_keep_probability_figure_marks_the_draws_that_dropped_a_task(
+    results: Results,
+) -> None:
+    run = results["runs"]["dst"]
+    # Young's keep probability is below 0.5 at epochs 1 and 2; epoch 2's draw is the last.
+    assert reporting.dropping_draws(run, "Young") == [1]
+    assert reporting.dropping_draws(run, "Male") == []
