@@ -68,7 +68,8 @@ _CHECKPOINTS = "checkpoints"
 # instead of failing inside it. 2: the methods' TorchJD state (DWA, FAMO) is in the checkpoints.
 # 3: UW, DWA, RLW and FAMO are dstmtl.study.weighting modules (missing labels skipped).
 # 4: study.json holds the label files' fingerprint.
-_STUDY_FORMAT = 4
+# 5: the methods are dstmtl.study.methods.Method, which holds the optimizer.
+_STUDY_FORMAT = 5
 # The demo's defaults: small enough for a few minutes on a 2-core CPU. Five epochs, so that
 # DST (whose first draw acts in epoch 2) drops tasks in three of them.
 _DEMO = {"epochs": 5, "batch_size": 32, "image_size": 64, "weights": "none", "demo_images": 1200}
@@ -120,7 +121,7 @@ def _study(
     if args.dst_metrics:
         extra = dst_method(args.dst_metrics)
         methods += [extra] if extra not in methods else []
-    check_methods(methods, tasks=len(attributes), distributed=world_size > 1)
+    check_methods(methods, distributed=world_size > 1)
     config = {k: v for k, v in vars(args).items() if k not in _NOT_COMPARED}
     config["study_format"] = _STUDY_FORMAT
 

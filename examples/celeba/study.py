@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import time
@@ -16,7 +15,6 @@ import numpy.typing as npt
 import torch
 import torch.distributed as dist
 from image_cache import prepare_batch
-from methods import Method
 from reporting import EpochRecord, EvaluationMetrics, RunResult
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -24,6 +22,7 @@ from tqdm import tqdm
 
 from dstmtl import MaskedMultiTaskLoss, MultiHeadNet
 from dstmtl.study._atomic import replacing
+from dstmtl.study.methods import Method
 
 # Rows of the per-task confusion counts gathered on the device during evaluation.
 _TP, _FP, _FN, _TN = range(4)
@@ -53,10 +52,11 @@ class Settings:
 
 
 class Trainer:
-    """One method's model, optimizer and training step.
+    """One method's model, optimizer and training step (the method's own, see
+    :class:`dstmtl.study.methods.Method`), with CelebA's input pipeline around it.
 
-    The step never reads a device value on the host for ``equal``, DST and the TorchJD
-    scalarizers; the TorchJD aggregators solve their small problem on the CPU.
+    The step never reads a device value on the host for ``equal``, DST and the loss
+    weightings; the TorchJD aggregators solve their small problem on the CPU.
     """
 
     def __init__(
@@ -68,18 +68,7 @@ class Trainer:
     ) -> None:
         torch.manual_seed(settings.seed)  # the same initial weights for every method
         self.model = build_model().to(settings.device).to(memory_format=torch.channels_last)
-        self.method = Method(
-            method_name,
-            self.model,
-            train_labels,
-            seed=settings.seed,
-            distributed=settings.world_size > 1,
-        )
-        for module in self.method.modules():
-            module.to(settings.device)
-        parameters = list(self.model.parameters()) + self.method.parameters()
-        self.optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate)
-        self.loss_fn = MaskedMultiTaskLoss(dict.fromkeys(self.model.task_names, "binary"))
+        self.device = settings.device
         network: torch.nn.Module = self.model
         if settings.world_size > 1:
             cuda = settings.device.type == "cuda"
@@ -89,7 +78,17 @@ class Trainer:
         if settings.compile:
             network = torch.compile(network)  # type: ignore[assignment]
         self.network = network
-        self.device = settings.device
+        loss_fn = MaskedMultiTaskLoss(dict.fromkeys(self.model.task_names, "binary"))
+        self.method = Method(
+            method_name,
+            self.model,
+            loss_fn,
+            learning_rate=settings.learning_rate,
+            seed=settings.seed,
+            train_labels=torch.from_numpy(train_labels),
+            network=network,
+            autocast=self.autocast,
+        ).to(settings.device)
 
     def autocast(self) -> torch.autocast:
         """bfloat16 on a GPU; full precision on the CPU, where bfloat16 is slow."""
@@ -98,37 +97,13 @@ class Trainer:
 
     def step(self, images: Tensor, labels: Tensor, flips: torch.Generator) -> None:
         """One training step on a uint8 batch already on the device."""
-        x = prepare_batch(images, train=True, generator=flips)
-        with self.autocast():
-            features = None
-            if self.method.aggregator is not None:
-                # The aggregators need the shared features, so they bypass the compiled or
-                # DDP wrapper (they run on one process and uncompiled).
-                features = self.model.forward_features(x)
-                outputs = self.model.forward_heads(features)
-            else:
-                outputs = self.network(x)
-            losses = self.loss_fn(outputs, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.method.backward(losses, self.loss_fn.label_counts, features)
-        self.optimizer.step()
-        self.method.after_optimizer_step(functools.partial(self._losses, x, labels))
-
-    def _losses(self, x: Tensor, labels: Tensor) -> Tensor:
-        with self.autocast():
-            losses: Tensor = self.loss_fn(self.network(x), labels)
-        return losses
+        self.method.step(prepare_batch(images, train=True, generator=flips), labels)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "method": self.method.state_dict(),
-        }
+        return {"model": self.model.state_dict(), "method": self.method.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
 
 

@@ -253,7 +253,7 @@ def test_a_study_of_an_older_format_is_not_resumed(
     config = json.loads((older / "study.json").read_text())
     del config["study_format"]  # as written before the format was recorded
     (older / "study.json").write_text(json.dumps(config))
-    fails(tiny_demo(older, "--resume", "--epochs", "3"), capsys, "study_format: was None, now 4")
+    fails(tiny_demo(older, "--resume", "--epochs", "3"), capsys, "study_format: was None, now 5")
 
 
 def test_missing_weights_say_where_to_put_them(

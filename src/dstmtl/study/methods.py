@@ -11,8 +11,10 @@ method (see :mod:`dstmtl.study.weighting` and docs/methods.md).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +35,14 @@ from dstmtl.scheduler import TaskDropScheduler
 from dstmtl.study import weighting
 from dstmtl.study._errors import StudyError
 
-__all__ = ["DST_TERMS", "METHOD_NAMES", "Method", "check_method_names", "is_single_task"]
+__all__ = [
+    "DST_TERMS",
+    "METHOD_NAMES",
+    "Method",
+    "check_method_names",
+    "is_single_task",
+    "needs_one_process",
+]
 
 DST_TERMS = ("depth", "labels", "incompleteness", "stagnancy", "constant")
 _BASELINES_EXTRA = "pip install 'dstmtl[baselines]'"
@@ -91,6 +100,15 @@ def check_method_names(names: Sequence[str]) -> None:
         _aggregator(spec.aggregator, name)
 
 
+def needs_one_process(name: str) -> bool:
+    """Whether the method keeps state that each torchrun process would build from its own
+    shard alone: per-task gradients (the aggregators) or weights learned from the losses
+    (UW, DWA, FAMO). RLW's draws come from torch's generator, seeded alike everywhere."""
+    spec = _spec(name)
+    assert spec is not None, f"unchecked method name {name!r}"
+    return spec.aggregator is not None or spec.weighting in ("uw", "dwa", "famo")
+
+
 def is_single_task(name: str) -> bool:
     spec = _spec(name)
     return spec is not None and spec.single_task
@@ -117,6 +135,10 @@ class Method:
         train_labels: The training targets ``[N, K]`` (NaN = missing), for DST's label
             count term.
         only_task: For single-task learning: the one task this model learns.
+        network: What runs the forward pass when the method does not need the shared
+            features: the model wrapped by DistributedDataParallel or ``torch.compile``
+            (the model itself by default).
+        autocast: A context for the forward passes (mixed precision), none by default.
     """
 
     def __init__(
@@ -129,6 +151,8 @@ class Method:
         seed: int,
         train_labels: Tensor | None = None,
         only_task: str | None = None,
+        network: nn.Module | None = None,
+        autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         spec = _spec(name)
         if spec is None:
@@ -138,6 +162,8 @@ class Method:
         self.description = spec.description
         self.drops_tasks = spec.dst_terms != ("constant",)
         self.model = model
+        self.network = model if network is None else network
+        self._autocast = autocast
         self.loss_fn = loss_fn
         tasks = model.task_names
         terms = [_term(term, model, train_labels) for term in spec.dst_terms]
@@ -160,9 +186,13 @@ class Method:
 
     def step(self, inputs: Tensor, targets: Tensor) -> None:
         """One training step on a batch already on the model's device."""
-        features = self.model.forward_features(inputs) if self.aggregator is not None else None
-        outputs = self.model(inputs) if features is None else self.model.forward_heads(features)
-        losses = self.loss_fn(outputs, targets)
+        with self._autocast():
+            # The aggregators need the shared features, so they bypass the network wrapper.
+            features = self.model.forward_features(inputs) if self.aggregator is not None else None
+            outputs = (
+                self.network(inputs) if features is None else self.model.forward_heads(features)
+            )
+            losses = self.loss_fn(outputs, targets)
         counts = self.loss_fn.label_counts
         if self._only is not None:
             counts = torch.where(self._only, counts, torch.zeros_like(counts))
@@ -180,8 +210,9 @@ class Method:
         self.optimizer.step()
         if self._famo:
             # FAMO learns its weights from how the losses moved over the step, same batch.
-            with torch.no_grad():
-                self.weighting.update(self.loss_fn(self.model(inputs), targets))  # type: ignore[union-attr,operator]
+            with torch.no_grad(), self._autocast():
+                after = self.loss_fn(self.network(inputs), targets)
+            self.weighting.update(after)  # type: ignore[union-attr,operator]
 
     def end_epoch(self) -> None:
         self.scheduler.step()
