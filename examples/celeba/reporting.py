@@ -27,6 +27,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from dstmtl.study._atomic import write_bytes
+from dstmtl.study.statistics import (
+    PairedComparison,
+    Summary,
+    compare_paired,
+    delta_m,
+    summarize,
+)
 
 __all__ = [
     "DatasetName",
@@ -77,6 +84,7 @@ class Study(TypedDict):
     dstmtl_version: str
     torch_version: str
     seed: int
+    seeds: list[int]
     hardware: Hardware
     dataset: DatasetName
     root: str
@@ -130,6 +138,7 @@ class EvaluationMetrics(TypedDict):
 
 class RunResult(TypedDict):
     method: str
+    seed: int
     description: str
     epochs: list[EpochRecord]
     selected_epoch: int
@@ -205,6 +214,7 @@ def markdown_report(results: Results, *, terms_epoch: int | None = None) -> str:
         ),
         _per_task_section(results, "F1", "f1", "mean_f1", []),
         _comparison_section(results),
+        *([_seeds_section(results)] if len(_seeds(results)) > 1 else []),
         *([_dst_drops_section(results)] if any(map(_has_terms, results["runs"].values())) else []),
         _network_depth_section(results),
     ]
@@ -526,6 +536,94 @@ def dst_drops(run: RunResult) -> tuple[list[int], bool]:
         if not all(previous["gates"].values())
     ]
     return drops, not drops or run["selected_epoch"] < drops[0]
+
+
+def _seeds(results: Results) -> list[int]:
+    return sorted({run.get("seed", results["study"]["seed"]) for run in results["runs"].values()})
+
+
+def seed_statistics(results: Results) -> dict[str, dict[str, object]]:
+    """Per method, over the seeds: the mean test accuracy (mean over tasks) with its 95%
+    Student-t interval, and against the first method the paired difference per seed, wins
+    and losses, the paired t-test's p-value and Δm% of the per-task accuracies."""
+    by_method: dict[str, dict[int, RunResult]] = {}
+    for run in results["runs"].values():
+        by_method.setdefault(run["method"], {})[run.get("seed", 0)] = run
+    seeds = _seeds(results)
+    tasks = _tasks(results)
+    reference_name = next(iter(by_method))
+    reference = by_method[reference_name]
+    statistics: dict[str, dict[str, object]] = {}
+    for method, runs in by_method.items():
+        if sorted(runs) != seeds:
+            continue  # a method that has not run with every seed yet
+        means = [runs[seed]["test"]["mean_accuracy"] for seed in seeds]
+        entry: dict[str, object] = {"mean_accuracy": summarize(means)}
+        if method != reference_name:
+            entry["vs_reference"] = compare_paired(
+                means,
+                [reference[seed]["test"]["mean_accuracy"] for seed in seeds],
+                higher_is_better=True,
+            )
+            entry["delta_m"] = summarize(
+                [
+                    delta_m(
+                        runs[seed]["test"]["accuracy"],
+                        reference[seed]["test"]["accuracy"],
+                        dict.fromkeys(tasks, True),
+                    )
+                    for seed in seeds
+                ]
+            )
+        statistics[method] = entry
+    return statistics
+
+
+def _seeds_section(results: Results) -> str:
+    statistics = seed_statistics(results)
+    reference = next(iter(statistics))
+    rows = []
+    for method, entry in statistics.items():
+        accuracy = entry["mean_accuracy"]
+        assert isinstance(accuracy, Summary)
+        row = [method, f"{accuracy.mean:.4f} ± {accuracy.std:.4f}", _interval(accuracy)]
+        comparison = entry.get("vs_reference")
+        change = entry.get("delta_m")
+        if isinstance(comparison, PairedComparison) and isinstance(change, Summary):
+            p = comparison.p_value
+            row += [
+                f"{comparison.difference.mean:+.4f} {_interval(comparison.difference)}",
+                f"{comparison.wins}/{comparison.losses}",
+                "-" if math.isnan(p) else f"{p:.3f}" + (" *" if comparison.beyond_noise else ""),
+                f"{change.mean:+.2f} {_interval(change, digits=2)}",
+            ]
+        else:
+            row += ["reference", "", "", ""]
+        rows.append(row)
+    header = [
+        "method",
+        "mean accuracy ± std",
+        "95% interval",
+        f"Δ vs {reference} [95%]",
+        "wins/losses",
+        "p (paired t)",
+        "Δm% [95%]",
+    ]
+    note = (
+        f"Over the seeds {', '.join(map(str, _seeds(results)))}: the mean over seeds of the "
+        "test mean accuracy, its sample standard deviation and the 95% Student-t interval "
+        f"of the mean; against {reference}, the difference per seed (same seed: paired), the "
+        "seeds won and lost, and the two-sided paired t-test's p-value (* below 0.05: beyond "
+        "seed noise). Δm% (Maninis et al. 2019, as FAMO and Nash-MTL report it) is the mean "
+        "relative change of the per-task accuracies, signed so that lower is better."
+    )
+    return f"## Seeds\n\n{_table(header, rows, labels=1)}\n\n{note}"
+
+
+def _interval(summary: Summary, digits: int = 4) -> str:
+    if math.isnan(summary.low):
+        return "-"
+    return f"[{summary.low:+.{digits}f}, {summary.high:+.{digits}f}]"
 
 
 def _dst_drops_section(results: Results) -> str:

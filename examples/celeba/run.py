@@ -10,6 +10,7 @@ See docs/celeba.md for the data, every option and every output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -49,6 +50,7 @@ try:
 
     import dstmtl
     from dstmtl import MultiHeadNet
+    from dstmtl.study import StudyError, parse_seeds
 except ModuleNotFoundError as error:
     # The runtime install has neither the example's extras nor, without -e, this checkout's
     # library: name the install step instead of showing an import traceback.
@@ -122,6 +124,11 @@ def _study(
         extra = dst_method(args.dst_metrics)
         methods += [extra] if extra not in methods else []
     check_methods(methods, distributed=world_size > 1)
+    try:
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else (args.seed,)
+    except StudyError as error:
+        raise CelebAError(f"--seeds: {error}") from error
+    args.seeds = list(seeds)  # compared whole on --resume
     config = {k: v for k, v in vars(args).items() if k not in _NOT_COMPARED}
     config["study_format"] = _STUDY_FORMAT
 
@@ -197,10 +204,18 @@ def _study(
         runs={},
     )
     try:
-        for method in methods:
-            results["runs"][method] = run_method(
-                method, build_model, batches, splits["train"].labels, settings
-            )
+        for seed in seeds:
+            for method in methods:
+                # One seed keeps the runs named by method alone, as before --seeds.
+                name = method if len(seeds) == 1 else f"{method}/seed{seed}"
+                results["runs"][name] = run_method(
+                    method,
+                    build_model,
+                    batches,
+                    splits["train"].labels,
+                    dataclasses.replace(settings, seed=seed),
+                    run_name=name,
+                )
     except KeyboardInterrupt:
         if rank == 0:
             print(
@@ -272,6 +287,11 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="seed of the weights, data order, DST draws, demo [%(default)s]",
+    )
+    training.add_argument(
+        "--seeds",
+        help="run every method with each of these seeds: a count (3 = 0,1,2) or a list "
+        "(0,1,2); the report adds intervals and paired tests over them [the --seed]",
     )
     training.add_argument("--device", help="cuda, cpu, ... [cuda when available]")
     training.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -438,7 +458,7 @@ class _JpegBatches:
         # rather than padding the shards with repeated images.
         self._sampler: DistributedSampler[int] | None = (
             DistributedSampler(
-                self._dataset, world_size, rank, shuffle=True, seed=args.seed, drop_last=True
+                self._dataset, world_size, rank, shuffle=True, seed=0, drop_last=True
             )
             if train and world_size > 1
             else None
@@ -460,7 +480,7 @@ class _JpegBatches:
             batch_size=self._args.batch_size,
             shuffle=self._train and self._sampler is None,
             sampler=self._sampler,
-            generator=torch.Generator().manual_seed(self._args.seed + self._epoch),
+            generator=torch.Generator().manual_seed(self._epoch),
             num_workers=self._args.workers
             if self._args.workers is not None
             else os.cpu_count() or 1,
@@ -515,14 +535,16 @@ def _batch_source(
             batch_size=args.batch_size,
             device=device,
             shuffle=train,
-            seed=args.seed,
+            seed=0,
             rank=shard_rank,
             world_size=shard_world,
             preload=preload,
         )
 
-    def batches(split: str, *, epoch: int) -> DeviceBatches | _JpegBatches:
-        loaders[split].set_epoch(epoch)
+    def batches(split: str, *, epoch: int, seed: int) -> DeviceBatches | _JpegBatches:
+        # The loaders shuffle by their epoch number: one number per (seed, epoch) pair, so
+        # that no two seeds share an order.
+        loaders[split].set_epoch(seed * 1000 + epoch)
         return loaders[split]
 
     return batches
@@ -560,6 +582,7 @@ def _study_info(
         dstmtl_version=dstmtl.__version__,
         torch_version=torch.__version__,
         seed=args.seed,
+        seeds=list(args.seeds),
         hardware=first["hardware"],
         dataset="demo" if args.demo else "celeba",
         root=str(root),

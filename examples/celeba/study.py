@@ -31,7 +31,7 @@ _TP, _FP, _FN, _TN = range(4)
 class BatchSource(Protocol):
     """Yields (uint8 images [B, 3, S, S], float labels [B, K]) on the training device."""
 
-    def __call__(self, split: str, *, epoch: int) -> Iterable[tuple[Tensor, Tensor]]: ...
+    def __call__(self, split: str, *, epoch: int, seed: int) -> Iterable[tuple[Tensor, Tensor]]: ...
 
 
 @dataclass(frozen=True)
@@ -113,14 +113,18 @@ def run_method(
     batches: BatchSource,
     train_labels: npt.NDArray[np.float32],
     settings: Settings,
+    run_name: str | None = None,
 ) -> RunResult:
-    """Train one method from its last checkpoint (or from scratch), then test it.
+    """Train one method with ``settings.seed`` from its last checkpoint (or from scratch),
+    then test it.
 
-    Returns the run's entry of ``results["runs"]``. Every epoch ends with an atomic
-    checkpoint, so an interrupted run resumes from its last completed epoch and ends with
-    the same results as an uninterrupted one (bit for bit on the CPU).
+    Returns the run's entry of ``results["runs"]``, ``run_name`` (the method's name by
+    default) naming its checkpoint. Every epoch ends with an atomic checkpoint, so an
+    interrupted run resumes from its last completed epoch and ends with the same results
+    as an uninterrupted one (bit for bit on the CPU).
     """
-    checkpoint_path = settings.checkpoint_dir / f"{method_name}.pt"
+    run_name = run_name or method_name
+    checkpoint_path = settings.checkpoint_dir / f"{run_name.replace('/', '-')}.pt"
     state = _load_checkpoint(checkpoint_path, settings.device)
     if state is not None and "result" in state:
         finished: RunResult = state["result"]
@@ -140,12 +144,14 @@ def run_method(
         torch.manual_seed(settings.seed * 1000 + epoch)
         flips = torch.Generator(settings.device).manual_seed(settings.seed * 1000 + epoch)
         trainer.model.train()
-        description = f"{method_name} {epoch + 1}/{settings.epochs}"
-        for images, labels in _progress(batches("train", epoch=epoch), description, settings):
+        description = f"{run_name} {epoch + 1}/{settings.epochs}"
+        for images, labels in _progress(
+            batches("train", epoch=epoch, seed=settings.seed), description, settings
+        ):
             trainer.step(images, labels, flips)
         trainer.method.end_epoch()
 
-        valid_batches = _progress(batches("valid", epoch=0), "valid", settings)
+        valid_batches = _progress(batches("valid", epoch=0, seed=settings.seed), "valid", settings)
         valid = scores(evaluate(trainer, valid_batches), tasks)
         scheduler = trainer.method.scheduler
         history.append(
@@ -164,7 +170,7 @@ def run_method(
         if settings.is_main:
             # One line per epoch that survives in a log (the bars are erased) and with
             # --no-progress.
-            _log_epoch(method_name, history[-1], settings.epochs)
+            _log_epoch(run_name, history[-1], settings.epochs)
         # Model selection on the validation split only; the test split is read once, below.
         if valid["mean_accuracy"] > best["score"]:
             best = {
@@ -178,9 +184,15 @@ def run_method(
         save_checkpoint(checkpoint_path, {**checkpoint, "history": history, "best": best}, settings)
 
     trainer.model.load_state_dict(best["model"])
-    test = scores(evaluate(trainer, _progress(batches("test", epoch=0), "test", settings)), tasks)
+    test = scores(
+        evaluate(
+            trainer, _progress(batches("test", epoch=0, seed=settings.seed), "test", settings)
+        ),
+        tasks,
+    )
     result = RunResult(
         method=method_name,
+        seed=settings.seed,
         description=trainer.method.description,
         epochs=history,
         selected_epoch=best["epoch"],

@@ -13,6 +13,8 @@ import reporting
 from PIL import Image
 from reporting import EpochRecord, EvaluationMetrics, Results, RunResult
 
+from dstmtl.study.statistics import PairedComparison, Summary
+
 TASKS = ["Male", "Smiling", "Young"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -87,6 +89,7 @@ def _run(name: str, description: str, wall_seconds: float) -> RunResult:
     }
     return {
         "method": name,
+        "seed": 1234,
         "description": description,
         "epochs": [_epoch(name, epoch) for epoch in range(3)],
         "selected_epoch": 1,
@@ -103,6 +106,7 @@ def _results() -> Results:
             "dstmtl_version": "0.1.0",
             "torch_version": "2.5.1",
             "seed": 1234,
+            "seeds": [1234],
             "hardware": {
                 "device": "cpu",
                 "device_name": "cpu",
@@ -419,3 +423,38 @@ def test_the_keep_probability_figure_marks_the_draws_that_dropped_a_task(
     # Young's keep probability is below 0.5 at epochs 1 and 2; epoch 2's draw is the last.
     assert reporting.dropping_draws(run, "Young") == [1]
     assert reporting.dropping_draws(run, "Male") == []
+
+
+def test_the_seeds_section_by_hand(results: Results) -> None:
+    one_seed = reporting.markdown_report(results)
+    assert "## Seeds" not in one_seed
+    base = results["runs"]
+    runs: dict[str, RunResult] = {}
+    # Mean accuracies over tasks: equal 0.80, 0.82, 0.84; dst 0.81, 0.84, 0.86.
+    for seed, (equal, dst) in enumerate([(0.80, 0.81), (0.82, 0.84), (0.84, 0.86)]):
+        for name, value in (("equal", equal), ("dst", dst)):
+            run = json.loads(json.dumps(base[name]))
+            run["seed"] = seed
+            run["test"]["accuracy"] = dict.fromkeys(TASKS, value)
+            run["test"]["mean_accuracy"] = value
+            runs[f"{name}/seed{seed}"] = run
+    results["runs"] = runs
+    statistics = reporting.seed_statistics(results)
+    assert list(statistics) == ["equal", "dst"]
+    reference = statistics["equal"]["mean_accuracy"]
+    assert isinstance(reference, Summary)
+    assert (reference.mean, reference.std) == pytest.approx((0.82, 0.02))
+    comparison = statistics["dst"]["vs_reference"]
+    assert isinstance(comparison, PairedComparison)
+    # Differences 0.01, 0.02, 0.02: mean 0.05/3, s = 0.01/sqrt(3), t = 5, df 2.
+    assert comparison.differences == pytest.approx((0.01, 0.02, 0.02))
+    assert comparison.t == pytest.approx(5.0)
+    assert (comparison.wins, comparison.losses) == (3, 0)
+    change = statistics["dst"]["delta_m"]
+    assert isinstance(change, Summary)
+    assert change.mean == pytest.approx(-100 * (0.01 / 0.80 + 0.02 / 0.82 + 0.02 / 0.84) / 3)
+    section = _section(reporting.markdown_report(results), "Seeds")
+    row = _row(section, "dst")
+    assert row[0] == "0.8367 ± 0.0252"
+    assert row[3] == "3/0"
+    assert row[4].startswith("0.038")  # two-sided p of t = 5 with 2 degrees of freedom

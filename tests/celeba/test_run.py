@@ -420,7 +420,7 @@ def test_ranks_share_the_training_set_without_repeating_an_image(
     for rank in range(5):
         batches = run._batch_source(
             args, splits, files.image_dir, tmp_path, rank, 5, torch.device("cpu")
-        )("train", epoch=0)
+        )("train", epoch=0, seed=0)
         images = torch.cat([images for images, _ in batches])
         assert len(images) == 16
         assert len(batches) == 3
@@ -610,3 +610,20 @@ def test_a_torchrun_session_records_its_launcher_and_processes(
     assert session["hardware"]["processes"] == 2
     alone = run._session(["--demo"], torch.device("cpu"), 1)
     assert alone["command"].split()[0].startswith("python")
+
+
+def test_seeds_run_every_method_with_each_seed(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    argv = ["--root", str(demo_root), "--out", str(out), "--weights", "none", *TINY]
+    argv += ["--cache-dir", str(tmp_path / "cache")]
+    fails([*argv, "--seeds", "a,b"], capsys, "--seeds", "do not parse")
+    assert run.main([*argv, "--seeds", "2"]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    assert list(results["runs"]) == ["equal/seed0", "dst/seed0", "equal/seed1", "dst/seed1"]
+    assert results["study"]["seeds"] == [0, 1]
+    first = {name: run_["epochs"][0]["train_loss"] for name, run_ in results["runs"].items()}
+    assert first["dst/seed0"] == first["equal/seed0"]  # same seed: same weights and data
+    assert first["equal/seed1"] != first["equal/seed0"]
+    assert "## Seeds" in (out / "results.md").read_text()

@@ -39,7 +39,7 @@ def random_split(seed: int, batches: int) -> list[tuple[Tensor, Tensor]]:
 SPLITS = {"train": random_split(0, 4), "valid": random_split(1, 1), "test": random_split(2, 1)}
 
 
-def batches(split: str, *, epoch: int) -> list[tuple[Tensor, Tensor]]:
+def batches(split: str, *, epoch: int, seed: int) -> list[tuple[Tensor, Tensor]]:
     return SPLITS[split]
 
 
