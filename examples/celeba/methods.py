@@ -10,20 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from arguments import DEFAULT_METHODS, DST_METRICS
 from celeba_files import CelebAError
 
 from dstmtl.study import StudyError
 from dstmtl.study.methods import (
-    DST_TERMS,
     METHOD_NAMES,
     check_method_names,
     is_single_task,
     needs_one_process,
 )
 
-DEFAULT_METHODS = ("equal", "dst")
-# Short names for --dst-metrics, in the order the paper lists the terms.
-DST_METRICS = DST_TERMS
+__all__ = ["CELEBA_METHODS", "DEFAULT_METHODS", "DST_METRICS", "check_methods", "dst_method"]
 # One model per task is the harness's reference (dstmtl.study), not a CelebA run.
 CELEBA_METHODS = tuple(name for name in METHOD_NAMES if not is_single_task(name))
 

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 from urllib.error import URLError
 
+import arguments
 import celeba_files
+import pipeline
 import pytest
 import run
 import study
@@ -407,18 +409,18 @@ def test_ranks_share_the_training_set_without_repeating_an_image(
 ) -> None:
     # 84 training images among 5 ranks: each takes 16 and four sit out the epoch, as with
     # DistributedSampler(drop_last=True), rather than some ranks seeing an image twice.
-    args = run._parser().parse_args(
+    args = arguments.parser().parse_args(
         ["--batch-size", "6", "--image-size", "16", "--workers", "0", "--no-progress"]
     )
     args.cache = cache
     # The ranks are simulated one after the other, without a process group.
-    monkeypatch.setattr(run, "_on_first_rank", lambda work, rank, world_size: work())
+    monkeypatch.setattr(pipeline, "_on_first_rank", lambda work, rank, world_size: work())
     files = celeba_files.locate(demo_root)
     splits = celeba_files.load_splits(files, celeba_files.DEFAULT_ATTRIBUTES)
     assert len(splits["train"].labels) == 84
     seen: list[bytes] = []
     for rank in range(5):
-        batches = run._batch_source(
+        batches = pipeline._batch_source(
             args, splits, files.image_dir, tmp_path, rank, 5, torch.device("cpu")
         )("train", epoch=0, seed=0)
         images = torch.cat([images for images, _ in batches])
@@ -437,7 +439,7 @@ def _fail_on_first_rank(rank: int, directory: str) -> None:
         def full_disk() -> None:
             raise OSError(28, "No space left on device")
 
-        run._on_first_rank(full_disk, rank, 2)
+        pipeline._on_first_rank(full_disk, rank, 2)
     except Exception as error:
         (Path(directory) / f"rank{rank}").write_text(f"{type(error).__name__}: {error}")
     finally:
@@ -452,18 +454,38 @@ def test_an_error_on_the_first_rank_reaches_the_others(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("module", ["matplotlib", "tqdm", "dstmtl"])
-def test_a_missing_install_step_is_named(module: str) -> None:
+def _run_script(argv: list[str], missing: str) -> subprocess.CompletedProcess[str]:
+    """``run.py argv`` in a fresh interpreter where ``missing`` cannot be imported."""
     script = Path(run.__file__)
     # None in sys.modules makes the import raise ModuleNotFoundError, as if not installed.
     code = (
-        f"import runpy, sys; sys.modules[{module!r}] = None; "
-        f"sys.path.insert(0, {str(script.parent)!r}); sys.argv = ['run.py', '--help']; "
+        f"import runpy, sys; sys.modules[{missing!r}] = None; "
+        f"sys.path.insert(0, {str(script.parent)!r}); sys.argv = ['run.py', *{argv!r}]; "
         f"runpy.run_path({str(script)!r}, run_name='__main__')"
     )
-    completed = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
+
+
+def test_help_answers_without_importing_torch() -> None:
+    completed = _run_script(["--help"], "torch")
+    assert completed.returncode == 0, completed.stderr
+    assert "--seeds" in completed.stdout
+    refused = _run_script(["--epochs", "0"], "torch")
+    assert refused.returncode == 2
+    assert "must be at least 1" in refused.stderr
+
+
+def test_the_dst_metric_names_are_dstmtls_terms() -> None:
+    from dstmtl.study.methods import DST_TERMS
+
+    assert arguments.DST_METRICS == DST_TERMS
+
+
+@pytest.mark.parametrize("module", ["matplotlib", "tqdm", "dstmtl"])
+def test_a_missing_install_step_is_named(module: str, tmp_path: Path) -> None:
+    completed = _run_script(["--demo", "--out", str(tmp_path / "o")], module)
     assert completed.returncode == 1
     assert "Traceback" not in completed.stderr
     assert f"needs {module!r}, which is not installed" in completed.stderr
@@ -570,15 +592,15 @@ def test_resume_refuses_changed_labels(
 
 def test_a_study_from_before_sessions_keeps_its_resume_apart(tmp_path: Path) -> None:
     (tmp_path / "checkpoints").mkdir()  # it trained before sessions were recorded
-    resume = run._session(["--resume", "--out", str(tmp_path)], torch.device("cpu"), 1)
-    sessions = run._record_session(tmp_path, resume, resume=True)
+    resume = pipeline._session(["--resume", "--out", str(tmp_path)], torch.device("cpu"), 1)
+    sessions = pipeline._record_session(tmp_path, resume, resume=True)
     assert [session["argv"] for session in sessions] == [[], resume["argv"]]
     assert sessions[0]["command"].startswith("unknown")
-    again = run._record_session(tmp_path, resume, resume=True)
+    again = pipeline._record_session(tmp_path, resume, resume=True)
     assert again == [*sessions, resume]
 
 
-@pytest.mark.parametrize("defaults", [run._DEMO, run._FULL], ids=["demo", "full"])
+@pytest.mark.parametrize("defaults", [pipeline._DEMO, pipeline._FULL], ids=["demo", "full"])
 def test_the_default_epochs_leave_dst_epochs_to_drop_in(defaults: dict[str, Any]) -> None:
     # DST's first draw is made at the end of epoch 1 and acts from epoch 2 on.
     epochs = defaults["epochs"]
@@ -604,11 +626,11 @@ def test_a_torchrun_session_records_its_launcher_and_processes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    session = run._session(["--demo"], torch.device("cpu"), 2)
+    session = pipeline._session(["--demo"], torch.device("cpu"), 2)
     assert session["command"].startswith("torchrun --nproc_per_node=2 ")
     assert session["command"].endswith("run.py --demo")
     assert session["hardware"]["processes"] == 2
-    alone = run._session(["--demo"], torch.device("cpu"), 1)
+    alone = pipeline._session(["--demo"], torch.device("cpu"), 1)
     assert alone["command"].split()[0].startswith("python")
 
 
