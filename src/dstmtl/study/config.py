@@ -67,6 +67,8 @@ class StudyConfig:
         selection: ``"metric"`` selects each run's epoch by the mean validation metric
             over tasks (lower-is-better metrics negated: use it when the tasks share a
             scale), ``"loss"`` by the mean validation loss over tasks.
+        extra: Your own settings that decide the numbers (JSON values: an image size, a
+            dataset version), recorded in ``study.json`` and compared on resume.
     """
 
     tasks: Mapping[str, StudyTask]
