@@ -285,3 +285,30 @@ def test_every_method_runs_on_partly_labelled_data(tmp_path: Path) -> None:
     stl = results["runs"]["stl/seed0"]
     assert stl["selected_epoch"] == -1  # one model per task, each selected on its own
     assert "delta_m_vs_stl" in results["statistics"]["methods"]["equal"]
+
+
+def test_batch_sources_are_called_with_the_epoch_and_seed(tmp_path: Path) -> None:
+    calls: list[tuple[str, int, int]] = []
+
+    def source(split: TensorDataset, name: str) -> Any:
+        def batches(*, epoch: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+            calls.append((name, epoch, seed))
+            x, y = split.tensors
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + epoch))
+            return [(x[order[i : i + 16]], y[order[i : i + 16]]) for i in range(0, len(x), 16)]
+
+        return batches
+
+    results = run_study(
+        config(methods=("equal",), seeds=(3,), epochs=2),
+        model,
+        source(TRAIN, "train"),
+        source(VALID, "valid"),
+        source(TEST, "test"),
+        tmp_path / "o",
+        progress=False,
+    )
+    assert ("train", 0, 3) in calls
+    assert ("train", 1, 3) in calls
+    run = results["runs"]["equal/seed3"]
+    assert all(math.isfinite(v) for m in run["test"].values() for v in m.values())
