@@ -15,7 +15,7 @@ import numpy.typing as npt
 import torch
 import torch.distributed as dist
 from image_cache import prepare_batch
-from reporting import EpochRecord, EvaluationMetrics, RunResult
+from records import EpochRecord, EvaluationMetrics, RunResult
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +174,16 @@ def test_a_batch_without_one_task_still_trains_the_others(method: str) -> None:
     head_c = model.heads["c"]
     assert isinstance(head_c, nn.Linear)
     assert head_c.weight.grad is None or not head_c.weight.grad.any()
+
+
+def test_training_does_not_import_matplotlib() -> None:
+    code = "import sys; sys.modules['matplotlib'] = None; import study; print('ok')"
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(study.__file__).parent,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert completed.stdout.strip() == "ok", completed.stderr[-2000:]
