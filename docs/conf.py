@@ -50,8 +50,10 @@ nitpicky = True
 nitpick_ignore_regex = [
     (
         r"py:\w+",
-        r"(torch|torchvision|lightning|transformers|os|collections\.abc|typing|abc)(\..*)?",
+        r"(torch|torchvision|lightning|transformers|os|pathlib|collections\.abc|typing|abc)(\..*)?",
     ),
+    # The string annotation of dstmtl.study.harness.Data, which Sphinx cannot resolve.
+    (r"py:class", r"Dataset\[Any\]"),
 ]
 
 html_theme = "furo"

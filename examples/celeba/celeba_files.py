@@ -17,6 +17,7 @@ from typing import Literal, NoReturn
 
 import numpy as np
 import numpy.typing as npt
+from arguments import DEFAULT_ATTRIBUTES as DEFAULT_ATTRIBUTES
 
 ATTRIBUTE_NAMES: tuple[str, ...] = (
     "5_o_Clock_Shadow",
@@ -59,17 +60,6 @@ ATTRIBUTE_NAMES: tuple[str, ...] = (
     "Wearing_Necklace",
     "Wearing_Necktie",
     "Young",
-)
-
-DEFAULT_ATTRIBUTES: tuple[str, ...] = (
-    "Male",
-    "Smiling",
-    "Young",
-    "Eyeglasses",
-    "Wearing_Hat",
-    "Wearing_Necklace",
-    "Wearing_Earrings",
-    "Wearing_Lipstick",
 )
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "valid", "test")

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from atomic import write_bytes
 from celeba_files import ATTRIBUTE_NAMES, CelebAError
 from parallel import run_chunks
 from PIL import Image, ImageDraw
+
+from dstmtl.study._atomic import write_bytes
 
 WIDTH = 178
 HEIGHT = 218

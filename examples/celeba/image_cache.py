@@ -28,11 +28,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torchvision.transforms.v2.functional as TF
-from atomic import replacing
 from celeba_files import CelebAError
 from parallel import run_chunks
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+from dstmtl.study._atomic import replacing
 
 # Part of the cache key: bump it whenever the preprocessing changes, so caches
 # written by older code are rebuilt instead of silently reused.

@@ -1,84 +1,45 @@
-"""The multi-task methods the study compares, each a recipe for one training step.
+"""The methods of the CelebA study by name, for the command line.
 
-Every method owns a :class:`dstmtl.TaskDropScheduler`: for DST it draws the gates, for the
-other methods it keeps every task (``Constant``) and only gathers the per-task training
-losses. The TorchJD methods receive ``scheduler.kept_losses(...)``, so when DST is combined
-with them the dropped tasks never reach the scalarizer or aggregator.
+The methods themselves, each owning its whole training step, are
+:class:`dstmtl.study.methods.Method` (see docs/methods.md); this module parses
+``--methods`` and ``--dst-metrics`` and refuses, before any data work, a method that this
+install or launch cannot run.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
 
-import numpy as np
-import numpy.typing as npt
-import torch
+from arguments import DEFAULT_METHODS, DST_METRICS
 from celeba_files import CelebAError
-from torch import Tensor, nn
 
-from dstmtl import MultiHeadNet, TaskDropScheduler
-from dstmtl.metrics import (
-    Constant,
-    LabelCount,
-    Metric,
-    NetworkDepth,
-    TaskIncompleteness,
-    TaskStagnancy,
+from dstmtl.study import StudyError
+from dstmtl.study.methods import (
+    METHOD_NAMES,
+    check_method_names,
+    is_single_task,
+    needs_one_process,
 )
 
-if TYPE_CHECKING:
-    from torchjd.aggregation import Aggregator
-
-DEFAULT_METHODS = ("equal", "dst")
-_BASELINES_EXTRA = "pip install 'dstmtl[baselines]'"
-
-# Short names for --dst-metrics, in the order the paper lists the terms.
-DST_METRICS = ("depth", "labels", "incompleteness", "stagnancy", "constant")
-
-
-@dataclass(frozen=True)
-class _Spec:
-    description: str
-    dst_metrics: tuple[str, ...] = ("constant",)
-    scalarizer: str | None = None
-    aggregator: str | None = None
-
-
-_METHODS: dict[str, _Spec] = {
-    "equal": _Spec("equal weights (the report's baseline)"),
-    "dst": _Spec("DST, task incompleteness alone (the report's choice)", ("incompleteness",)),
-    "dst-all": _Spec("DST, all five terms", DST_METRICS),
-    "uw": _Spec("uncertainty weighting (Kendall et al., 2018)", scalarizer="UW"),
-    "dwa": _Spec("dynamic weight average (Liu et al., 2019)", scalarizer="DWA"),
-    "rlw": _Spec("random loss weighting (Lin et al., 2022)", scalarizer="Random"),
-    "famo": _Spec("FAMO (Liu et al., 2023)", scalarizer="FAMO"),
-    "upgrad": _Spec("UPGrad, Jacobian descent (Quinton & Rey, 2024)", aggregator="UPGrad"),
-    "mgda": _Spec("MGDA (Sener & Koltun, 2018)", aggregator="MGDA"),
-    "pcgrad": _Spec("PCGrad (Yu et al., 2020)", aggregator="PCGrad"),
-    "dst+upgrad": _Spec(
-        "DST (task incompleteness) composed with UPGrad", ("incompleteness",), aggregator="UPGrad"
-    ),
-}
-METHOD_NAMES = tuple(_METHODS)
-# Scalarizers that learn task weights from the losses they see: under torchrun each process
-# would learn its own (RLW's draws come from torch's RNG, seeded alike on every process).
-_LEARNS_WEIGHTS = ("UW", "DWA", "FAMO")
+__all__ = ["CELEBA_METHODS", "DEFAULT_METHODS", "DST_METRICS", "check_methods", "dst_method"]
+# One model per task is the harness's reference (dstmtl.study), not a CelebA run.
+CELEBA_METHODS = tuple(name for name in METHOD_NAMES if not is_single_task(name))
 
 
 def parse_methods(spec: str) -> tuple[str, ...]:
-    """Comma-separated method names: :data:`METHOD_NAMES`, or ``dst-<term>+<term>...``."""
+    """Comma-separated method names: :data:`CELEBA_METHODS`, or ``dst-<term>+<term>...``."""
     names = tuple(name.strip() for name in spec.split(",") if name.strip())
-    unknown = [name for name in names if _spec(name) is None]
-    if unknown or not names:
+    try:
+        check_method_names(names)
+    except StudyError as error:
         raise CelebAError(
-            f"unknown method(s) {unknown or [spec]}; valid methods: {', '.join(METHOD_NAMES)}, "
-            f"or DST with chosen terms as dst-<term>+<term> from {', '.join(DST_METRICS)}"
+            str(error).replace("methods named twice", "--methods names twice")
+        ) from error
+    single = [name for name in names if is_single_task(name)]
+    if single:
+        raise CelebAError(
+            f"method(s) {single} are not available here; valid methods: {', '.join(CELEBA_METHODS)}"
         )
-    if len(set(names)) != len(names):
-        raise CelebAError(f"--methods names a method twice: {spec}")
     return names
 
 
@@ -91,169 +52,13 @@ def dst_method(spec: str) -> str:
     return name
 
 
-def check_methods(names: Sequence[str], *, tasks: int, distributed: bool) -> None:
-    """Fail now, before any data work, on a method that this install or launch cannot run."""
+def check_methods(names: Sequence[str], *, distributed: bool) -> None:
+    """Fail now, before any data work, on a method that this launch cannot run."""
     for name in names:
-        spec = _spec(name)
-        assert spec is not None, f"unchecked method name {name!r}"
-        _torchjd("scalarization", spec.scalarizer, name, tasks)
-        _torchjd("aggregation", spec.aggregator, name, tasks)
-        _check_launch(spec, name, distributed)
-
-
-def _check_launch(spec: _Spec, name: str, distributed: bool) -> None:
-    if distributed and (spec.aggregator is not None or spec.scalarizer in _LEARNS_WEIGHTS):
-        raise CelebAError(
-            f"method {name!r} keeps TorchJD state that each torchrun process would build "
-            "from its own shard alone (per-task gradients, or weights learned from the "
-            "losses), so this example runs it on one process only; run it without torchrun"
-        )
-
-
-def _spec(name: str) -> _Spec | None:
-    if name in _METHODS:
-        return _METHODS[name]
-    terms = tuple(name.removeprefix("dst-").split("+"))
-    if name.startswith("dst-") and all(term in DST_METRICS for term in terms):
-        return _Spec(f"DST, terms: {', '.join(terms)}", terms)
-    return None
-
-
-class Method:
-    """One method's state and its training step."""
-
-    def __init__(
-        self,
-        name: str,
-        model: MultiHeadNet,
-        train_labels: npt.NDArray[np.float32],
-        *,
-        seed: int,
-        distributed: bool,
-    ) -> None:
-        spec = _spec(name)
-        assert spec is not None, f"unchecked method name {name!r}"
-        self.name = name
-        self.description = spec.description
-        self.drops_tasks = spec.dst_metrics != ("constant",)
-        tasks = model.task_names
-        metrics = [_metric(metric, model, train_labels) for metric in spec.dst_metrics]
-        self.scheduler = TaskDropScheduler(tasks, metrics, generator=seed)
-        self._scalarizer_name = spec.scalarizer
-        self.scalarizer: nn.Module | None = _torchjd(
-            "scalarization", spec.scalarizer, name, len(tasks)
-        )
-        self.aggregator: Aggregator | None = _torchjd(
-            "aggregation", spec.aggregator, name, len(tasks)
-        )
-        _check_launch(spec, name, distributed)
-        self._model = model
-
-    def modules(self) -> list[nn.Module]:
-        """The TorchJD modules, to move to the training device."""
-        return [m for m in (self.scalarizer, self.aggregator) if m is not None]
-
-    def parameters(self) -> list[nn.Parameter]:
-        """Parameters trained by the model's optimizer (uncertainty weighting's log-variances).
-
-        FAMO's logits are left out on purpose: FAMO updates them with its own optimizer.
-        """
-        if self.scalarizer is None or self._scalarizer_name == "FAMO":
-            return []
-        return list(self.scalarizer.parameters())
-
-    def backward(
-        self, losses: Tensor, counts: Tensor, features: Tensor | dict[str, Tensor] | None = None
-    ) -> None:
-        """Turn the per-task losses into gradients on the model (and method) parameters.
-
-        The aggregator methods need ``features``, the model's shared representation.
-        """
-        if self.aggregator is not None:
-            assert features is not None
-            from torchjd.autojac import jac_to_grad, mtl_backward
-
-            kept = self.scheduler.kept_losses(losses, counts)
-            heads = [list(self._model.heads[t].parameters()) for t in self.scheduler.active_tasks]
-            shared = features if isinstance(features, Tensor) else list(features.values())
-            # The binary losses share graph nodes above the features (one vectorised loss
-            # call), so the graph must survive the per-task backward passes.
-            mtl_backward(list(kept), features=shared, tasks_params=heads, retain_graph=True)
-            jac_to_grad(list(self._model.backbone.parameters()), self.aggregator)
-        elif self.scalarizer is not None:
-            self.scalarizer(self.scheduler.kept_losses(losses, counts)).backward()
-        else:
-            self.scheduler(losses, counts).backward()
-
-    def after_optimizer_step(self, recompute_losses: Callable[[], Tensor]) -> None:
-        """FAMO learns its weights from how the losses moved over the step, on the same batch."""
-        if self.scalarizer is not None and self._scalarizer_name == "FAMO":
-            with torch.no_grad():
-                self.scalarizer.update(recompute_losses())  # type: ignore[operator]
-
-    def end_epoch(self) -> None:
-        self.scheduler.step()
-        if self.scalarizer is not None and self._scalarizer_name == "DWA":
-            self.scalarizer.step()  # type: ignore[operator]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "scheduler": self.scheduler.state_dict(),
-            "modules": [module.state_dict() for module in self.modules()],
-            "scalarizer_history": self._scalarizer_history(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
-        for module, module_state in zip(self.modules(), state["modules"], strict=True):
-            module.load_state_dict(module_state)
-        self._load_scalarizer_history(state["scalarizer_history"])
-
-    # TorchJD 0.18 keeps DWA's epoch averages and FAMO's Adam outside ``state_dict()``, so a
-    # resumed run would restart them; these carry them through a checkpoint. Checkpoints are
-    # taken between epochs, where DWA has no partial sums and FAMO no pending losses.
-    def _scalarizer_history(self) -> dict[str, Any]:
-        scalarizer: Any = self.scalarizer
-        if self._scalarizer_name == "DWA":
-            return {"previous_averages": list(scalarizer._previous_averages)}
-        if self._scalarizer_name == "FAMO" and scalarizer._optimizer is not None:
-            return {"optimizer": scalarizer._optimizer.state_dict()}
-        return {}
-
-    def _load_scalarizer_history(self, history: dict[str, Any]) -> None:
-        scalarizer: Any = self.scalarizer
-        if "previous_averages" in history:
-            scalarizer._previous_averages = list(history["previous_averages"])
-        if "optimizer" in history:
-            optimizer = torch.optim.Adam(
-                [scalarizer._w], lr=scalarizer.lr, weight_decay=scalarizer.weight_decay
+        if distributed and needs_one_process(name):
+            raise CelebAError(
+                f"method {name!r} keeps state that each torchrun process would build from "
+                "its own shard alone (per-task gradients, or weights learned from the "
+                "losses), so this example runs it on one process only; run it without "
+                "torchrun"
             )
-            optimizer.load_state_dict(history["optimizer"])
-            scalarizer._optimizer = optimizer
-
-
-def _metric(name: str, model: MultiHeadNet, train_labels: npt.NDArray[np.float32]) -> Metric:
-    if name == "depth":
-        return NetworkDepth(model)
-    if name == "labels":
-        return LabelCount(torch.from_numpy(train_labels))
-    if name == "incompleteness":
-        return TaskIncompleteness()
-    if name == "stagnancy":
-        return TaskStagnancy()
-    return Constant()
-
-
-def _torchjd(kind: str, class_name: str | None, method: str, tasks: int) -> Any:
-    """A TorchJD scalarizer or aggregator by class name (``None`` for none)."""
-    if class_name is None:
-        return None
-    try:
-        module = importlib.import_module(f"torchjd.{kind}")
-        factory = getattr(module, class_name)
-        return factory(tasks) if class_name in ("UW", "FAMO") else factory()
-    except ImportError as error:
-        raise CelebAError(
-            f"method {method!r} needs TorchJD and its solvers ({error}); install them with "
-            f"{_BASELINES_EXTRA}"
-        ) from error

@@ -14,17 +14,37 @@ leaves no figures open between calls.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import Literal
 
-from atomic import write_bytes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from records import (
+    DatasetName,
+    EpochRecord,
+    EvaluationMetrics,
+    Hardware,
+    Results,
+    RunResult,
+    Session,
+    Study,
+    ValidationMetrics,
+)
+
+from dstmtl.study._atomic import write_bytes
+from dstmtl.study.statistics import (
+    PairedComparison,
+    Summary,
+    compare_paired,
+    delta_m,
+    summarize,
+)
 
 __all__ = [
     "DatasetName",
@@ -45,101 +65,6 @@ __all__ = [
     "write_json",
     "write_report",
 ]
-
-DatasetName = Literal["celeba", "demo"]
-
-
-class Hardware(TypedDict):
-    device: str
-    device_name: str
-    cpu: str
-    gpus: int
-
-
-class Session(TypedDict):
-    """One start of the study: the first, or a ``--resume``."""
-
-    command: str
-    argv: list[str]
-    started: str
-    hardware: Hardware
-
-
-class Study(TypedDict):
-    """The study's settings; ``command``, ``argv``, ``started`` and ``hardware`` are those of
-    its first start, and ``resumed`` lists the later ones."""
-
-    command: str
-    argv: list[str]
-    dstmtl_version: str
-    torch_version: str
-    seed: int
-    hardware: Hardware
-    dataset: DatasetName
-    root: str
-    attributes: list[str]
-    image_size: int
-    batch_size: int
-    epochs: int
-    started: str
-    finished: str | None
-    resumed: list[Session]
-    network_depth: dict[str, int]
-
-
-class ValidationMetrics(TypedDict):
-    accuracy: dict[str, float]
-    mean_accuracy: float
-
-
-class EpochRecord(TypedDict):
-    """One epoch of one run.
-
-    ``train_loss`` may hold NaN (a task without a loss that epoch); it is written as
-    ``null``, so a record read back from ``metrics.json`` holds ``None`` there instead, which
-    every function here accepts. ``terms`` is empty for runs without DST terms and for the
-    warm-up epoch. ``keep_probabilities``, ``terms`` and ``gates`` are those computed at the
-    end of the epoch, which decide the next epoch's updates.
-    """
-
-    epoch: int
-    train_loss: dict[str, float]
-    keep_probabilities: dict[str, float]
-    gates: dict[str, bool]
-    terms: dict[str, dict[str, float]]
-    loss_weights: dict[str, float]
-    valid: ValidationMetrics
-    seconds: float
-
-
-class EvaluationMetrics(TypedDict):
-    """Test-split scores of the selected epoch's weights."""
-
-    accuracy: dict[str, float]
-    balanced_accuracy: dict[str, float]
-    f1: dict[str, float]
-    mean_accuracy: float
-    mean_balanced_accuracy: float
-    mean_f1: float
-
-
-class RunResult(TypedDict):
-    method: str
-    description: str
-    epochs: list[EpochRecord]
-    selected_epoch: int
-    test: EvaluationMetrics
-    wall_seconds: float
-
-
-class Results(TypedDict):
-    """The whole study; ``runs`` keeps insertion order and its first run is the reference."""
-
-    study: Study
-    majority_baseline: dict[str, float]
-    test_positive_rate: dict[str, float]
-    runs: dict[str, RunResult]
-
 
 _DPI = 120
 _SUMMARY_LINES = 25
@@ -200,6 +125,8 @@ def markdown_report(results: Results, *, terms_epoch: int | None = None) -> str:
         ),
         _per_task_section(results, "F1", "f1", "mean_f1", []),
         _comparison_section(results),
+        *([_seeds_section(results)] if len(_seeds(results)) > 1 else []),
+        *([_dst_drops_section(results)] if any(map(_has_terms, results["runs"].values())) else []),
         _network_depth_section(results),
     ]
     for name, run in results["runs"].items():
@@ -258,7 +185,7 @@ def plot_keep_probabilities(results: Results, run_name: str, path: Path) -> None
         run_name,
         path,
         "keep_probabilities",
-        title="Keep probability per task",
+        title="Keep probability per task (x: the draw dropped it from the next epoch)",
         ylabel="keep probability",
         ylim=(0.0, 1.05),
     )
@@ -279,14 +206,26 @@ def plot_accuracy_bars(results: Results, path: Path) -> None:
     # Wide enough for every bar to stay visible, capped so 40 tasks remain one image.
     figure = Figure(figsize=(min(20.0, max(6.0, len(groups) * (0.3 * len(runs) + 0.4))), 4.8))
     axes = figure.add_subplot()
+    colours = run_colours(len(runs))
     for index, (name, heights) in enumerate(values.items()):
         offset = (index - (len(runs) - 1) / 2) * width
         positions = [group + offset for group in range(len(groups))]
-        axes.bar(positions, heights, width, label=name, color=f"C{index % 10}")
+        axes.bar(positions, heights, width, label=name, color=colours[index])
     axes.axvline(len(tasks) - 0.5, color="grey", linestyle="--", linewidth=0.8)
+    # The majority class per task: the level a run must beat, on an axis not starting at 0.
+    majority = [results["majority_baseline"][task] for task in tasks]
+    majority.append(sum(majority) / len(majority))
+    axes.hlines(
+        majority,
+        [group - 0.45 for group in range(len(groups))],
+        [group + 0.45 for group in range(len(groups))],
+        colors="black",
+        linewidth=1.5,
+        label="majority class",
+    )
 
     # Runs usually differ by a point or two, invisible on an axis that starts at zero.
-    finite = [v for heights in values.values() for v in heights if math.isfinite(v)]
+    finite = [v for heights in [*values.values(), majority] for v in heights if math.isfinite(v)]
     low, high = min(finite), max(finite)
     pad = max(0.01, 0.1 * (high - low))
     axes.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
@@ -365,8 +304,10 @@ def _header_section(results: Results) -> str:
         "",
         f"- Dataset: {study['dataset']} (`{study['root']}`)",
         f"- Attributes ({len(study['attributes'])}): {', '.join(study['attributes'])}",
-        f"- Image size: {study['image_size']} px; batch size: {study['batch_size']}; "
-        f"epochs: {study['epochs']}; seed: {study['seed']}",
+        f"- Image size: {study['image_size']} px; batch size: {study['batch_size']} per "
+        f"process, {study.get('effective_batch_size', study['batch_size'])} per step over "
+        f"{hardware.get('processes', 1)} process(es); epochs: {study['epochs']}; "
+        f"seed: {study['seed']}",
         f"- Hardware: {hardware['device']} ({hardware['device_name']}){gpus}; "
         f"CPU: {hardware['cpu']}",
         f"- Versions: dstmtl {study['dstmtl_version']}, torch {study['torch_version']}",
@@ -448,7 +389,9 @@ def _comparison_section(results: Results) -> str:
                 str(run["selected_epoch"]),
                 f"{run['wall_seconds']:.1f}",
                 f"{run['wall_seconds'] / 60:.2f}",
-                "reference" if name == reference_name else f"{difference:+.4f}",
+                "reference"
+                if name == reference_name
+                else f"{difference:+.4f}" + (" †" if _has_terms(run) and dst_drops(run)[1] else ""),
             ]
         )
     header = [
@@ -467,28 +410,188 @@ def _comparison_section(results: Results) -> str:
     note = (
         "Mean rank: the run's rank by test accuracy on each task (1 = best, ties share their "
         "average rank), averaged over tasks. The selected epoch is the one with the best "
-        "validation mean accuracy; its weights were tested."
+        "validation mean accuracy; its weights were tested. †: a DST run whose selected "
+        "weights predate its first drop (see DST drops): the difference is not DST's. Wall "
+        "time is not a cost comparison on a shared host: it follows the other processes' "
+        f"load as much as the method's work (load average at the start "
+        f"{_load(results['study'].get('load_average', {}).get('start'))}, at the end "
+        f"{_load(results['study'].get('load_average', {}).get('end'))})."
     )
     return f"## Method comparison\n\n{_table(header, rows, labels=3)}\n\n{note}"
 
 
+def run_colours(count: int) -> list[str | tuple[float, float, float, float]]:
+    """One colour per run, all distinct: matplotlib's ten, then tab20's twenty, then tab20
+    again (beyond 20 runs a colour repeats)."""
+    if count <= 10:
+        return [f"C{index}" for index in range(count)]
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"]
+    return [tab20(index % 20) for index in range(count)]
+
+
+def dropping_draws(run: RunResult, task: str) -> list[int]:
+    """The epochs whose end-of-epoch draw dropped ``task`` from a following epoch (the last
+    epoch's draw applies to none)."""
+    return [record["epoch"] for record in run["epochs"][:-1] if not record["gates"].get(task, True)]
+
+
+def dst_drops(run: RunResult) -> tuple[list[int], bool]:
+    """The epochs in which DST dropped a task, and whether the selected epoch precedes the
+    first of them (then the tested weights are those of an equal-weight run)."""
+    epochs = run["epochs"]
+    drops = [
+        record["epoch"]
+        for previous, record in itertools.pairwise(epochs)
+        if not all(previous["gates"].values())
+    ]
+    return drops, not drops or run["selected_epoch"] < drops[0]
+
+
+def _seeds(results: Results) -> list[int]:
+    return sorted({run.get("seed", results["study"]["seed"]) for run in results["runs"].values()})
+
+
+def seed_statistics(results: Results) -> dict[str, dict[str, object]]:
+    """Per method, over the seeds: the mean test accuracy (mean over tasks) with its 95%
+    Student-t interval, and against the first method the paired difference per seed, wins
+    and losses, the paired t-test's p-value and Δm% of the per-task accuracies."""
+    by_method: dict[str, dict[int, RunResult]] = {}
+    for run in results["runs"].values():
+        by_method.setdefault(run["method"], {})[run.get("seed", 0)] = run
+    seeds = _seeds(results)
+    tasks = _tasks(results)
+    reference_name = next(iter(by_method))
+    reference = by_method[reference_name]
+    statistics: dict[str, dict[str, object]] = {}
+    for method, runs in by_method.items():
+        if sorted(runs) != seeds:
+            continue  # a method that has not run with every seed yet
+        means = [runs[seed]["test"]["mean_accuracy"] for seed in seeds]
+        entry: dict[str, object] = {"mean_accuracy": summarize(means)}
+        if method != reference_name:
+            entry["vs_reference"] = compare_paired(
+                means,
+                [reference[seed]["test"]["mean_accuracy"] for seed in seeds],
+                higher_is_better=True,
+            )
+            entry["delta_m"] = summarize(
+                [
+                    delta_m(
+                        runs[seed]["test"]["accuracy"],
+                        reference[seed]["test"]["accuracy"],
+                        dict.fromkeys(tasks, True),
+                    )
+                    for seed in seeds
+                ]
+            )
+        statistics[method] = entry
+    return statistics
+
+
+def _seeds_section(results: Results) -> str:
+    statistics = seed_statistics(results)
+    reference = next(iter(statistics))
+    rows = []
+    for method, entry in statistics.items():
+        accuracy = entry["mean_accuracy"]
+        assert isinstance(accuracy, Summary)
+        row = [method, f"{accuracy.mean:.4f} ± {accuracy.std:.4f}", _interval(accuracy)]
+        comparison = entry.get("vs_reference")
+        change = entry.get("delta_m")
+        if isinstance(comparison, PairedComparison) and isinstance(change, Summary):
+            p = comparison.p_value
+            row += [
+                f"{comparison.difference.mean:+.4f} {_interval(comparison.difference)}",
+                f"{comparison.wins}/{comparison.losses}",
+                "-" if math.isnan(p) else f"{p:.3f}" + (" *" if comparison.beyond_noise else ""),
+                f"{change.mean:+.2f} {_interval(change, digits=2)}",
+            ]
+        else:
+            row += ["reference", "", "", ""]
+        rows.append(row)
+    header = [
+        "method",
+        "mean accuracy ± std",
+        "95% interval",
+        f"Δ vs {reference} [95%]",
+        "wins/losses",
+        "p (paired t)",
+        "Δm% [95%]",
+    ]
+    note = (
+        f"Over the seeds {', '.join(map(str, _seeds(results)))}: the mean over seeds of the "
+        "test mean accuracy, its sample standard deviation and the 95% Student-t interval "
+        f"of the mean; against {reference}, the difference per seed (same seed: paired), the "
+        "seeds won and lost, and the two-sided paired t-test's p-value (* below 0.05: beyond "
+        "seed noise). Δm% (Maninis et al. 2019, as FAMO and Nash-MTL report it) is the mean "
+        "relative change of the per-task accuracies, signed so that lower is better."
+    )
+    return f"## Seeds\n\n{_table(header, rows, labels=1)}\n\n{note}"
+
+
+def _interval(summary: Summary, digits: int = 4) -> str:
+    if math.isnan(summary.low):
+        return "-"
+    return f"[{summary.low:+.{digits}f}, {summary.high:+.{digits}f}]"
+
+
+def _dst_drops_section(results: Results) -> str:
+    rows = []
+    for name, run in results["runs"].items():
+        if not _has_terms(run):
+            continue
+        drops, before = dst_drops(run)
+        note = (
+            "DST dropped no task before the selected epoch: these weights are an equal-weight "
+            "run's, so the comparison says nothing about DST"
+            if before
+            else ""
+        )
+        rows.append(
+            [
+                name,
+                str(len(drops)),
+                str(drops[0]) if drops else "none",
+                str(run["selected_epoch"]),
+                note,
+            ]
+        )
+    header = ["run", "epochs with a task dropped", "first such epoch", "selected epoch", "note"]
+    text = (
+        "DST keeps every task in its first two epochs (the warm-up, then the epoch its first "
+        "draw is computed in), so a run needs more than three epochs for dropping to act, "
+        "and the epoch selected on validation must come after the first drop."
+    )
+    return f"## DST drops\n\n{_table(header, rows, labels=1)}\n\n{text}"
+
+
+def _load(value: list[float] | None) -> str:
+    """A load-average triple as 1-, 5- and 15-minute values."""
+    return "not recorded" if value is None else "/".join(f"{v:.2f}" for v in value)
+
+
 def _keep_probability_section(results: Results, run_name: str) -> str:
     tasks = _tasks(results)
+    records = results["runs"][run_name]["epochs"]
     rows = [
         [
             str(record["epoch"]),
             *(
                 _fmt(record["keep_probabilities"].get(task))
-                + ("" if record["gates"].get(task, True) else " (dropped)")
+                # The last epoch's draw applies to no epoch: the run ends first.
+                + ("" if record["gates"].get(task, True) or last else " (dropped)")
                 for task in tasks
             ),
         ]
-        for record in results["runs"][run_name]["epochs"]
+        for record, last in zip(records, [False] * (len(records) - 1) + [True], strict=True)
     ]
     table = _table(["epoch", *tasks], rows)
     note = (
         'Computed at the end of each epoch; "(dropped)": the draw made then left the task '
-        "out of the next epoch's updates."
+        "out of the next epoch's updates. The last epoch's draw is not marked: no epoch "
+        "applied it."
     )
     return f"## Keep probabilities per epoch: {run_name}\n\n{table}\n\n{note}"
 
@@ -597,15 +700,31 @@ def _plot_per_task_series(
         values = [_as_float(record[field].get(task)) for record in run["epochs"]]
         # Ten colours, then the next line style, so up to 40 tasks stay distinguishable.
         linestyle = ("-", "--", ":", "-.")[index // 10 % 4]
+        # Lines on the same values (every keep probability at 1.0) hide each other: earlier
+        # tasks are drawn wider and below, so each shows as a ring around the next.
         axes.plot(
             epochs,
             values,
             marker="o",
-            markersize=3,
+            markersize=3 + 1.5 * (len(tasks) - 1 - index) / max(len(tasks) - 1, 1) * 3,
+            linewidth=1 + 2 * (len(tasks) - 1 - index) / max(len(tasks) - 1, 1),
             color=f"C{index % 10}",
             linestyle=linestyle,
             label=task,
+            zorder=2 + index,
         )
+        if field == "keep_probabilities":
+            dropped = dropping_draws(run, task)
+            axes.plot(
+                dropped,
+                [values[epochs.index(epoch)] for epoch in dropped],
+                linestyle="none",
+                marker="x",
+                markersize=9,
+                color=f"C{index % 10}",
+                zorder=100,
+                label=None,
+            )
     if ylim is not None:
         axes.set_ylim(*ylim)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))

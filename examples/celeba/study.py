@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import functools
+import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
@@ -13,15 +14,15 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.distributed as dist
-from atomic import replacing
 from image_cache import prepare_batch
-from methods import Method
-from reporting import EpochRecord, EvaluationMetrics, RunResult
+from records import EpochRecord, EvaluationMetrics, RunResult
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dstmtl import MaskedMultiTaskLoss, MultiHeadNet
+from dstmtl.study._atomic import replacing
+from dstmtl.study.methods import Method
 
 # Rows of the per-task confusion counts gathered on the device during evaluation.
 _TP, _FP, _FN, _TN = range(4)
@@ -30,7 +31,7 @@ _TP, _FP, _FN, _TN = range(4)
 class BatchSource(Protocol):
     """Yields (uint8 images [B, 3, S, S], float labels [B, K]) on the training device."""
 
-    def __call__(self, split: str, *, epoch: int) -> Iterable[tuple[Tensor, Tensor]]: ...
+    def __call__(self, split: str, *, epoch: int, seed: int) -> Iterable[tuple[Tensor, Tensor]]: ...
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,11 @@ class Settings:
 
 
 class Trainer:
-    """One method's model, optimizer and training step.
+    """One method's model, optimizer and training step (the method's own, see
+    :class:`dstmtl.study.methods.Method`), with CelebA's input pipeline around it.
 
-    The step never reads a device value on the host for ``equal``, DST and the TorchJD
-    scalarizers; the TorchJD aggregators solve their small problem on the CPU.
+    The step never reads a device value on the host for ``equal``, DST and the loss
+    weightings; the TorchJD aggregators solve their small problem on the CPU.
     """
 
     def __init__(
@@ -66,18 +68,7 @@ class Trainer:
     ) -> None:
         torch.manual_seed(settings.seed)  # the same initial weights for every method
         self.model = build_model().to(settings.device).to(memory_format=torch.channels_last)
-        self.method = Method(
-            method_name,
-            self.model,
-            train_labels,
-            seed=settings.seed,
-            distributed=settings.world_size > 1,
-        )
-        for module in self.method.modules():
-            module.to(settings.device)
-        parameters = list(self.model.parameters()) + self.method.parameters()
-        self.optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate)
-        self.loss_fn = MaskedMultiTaskLoss(dict.fromkeys(self.model.task_names, "binary"))
+        self.device = settings.device
         network: torch.nn.Module = self.model
         if settings.world_size > 1:
             cuda = settings.device.type == "cuda"
@@ -87,7 +78,17 @@ class Trainer:
         if settings.compile:
             network = torch.compile(network)  # type: ignore[assignment]
         self.network = network
-        self.device = settings.device
+        loss_fn = MaskedMultiTaskLoss(dict.fromkeys(self.model.task_names, "binary"))
+        self.method = Method(
+            method_name,
+            self.model,
+            loss_fn,
+            learning_rate=settings.learning_rate,
+            seed=settings.seed,
+            train_labels=torch.from_numpy(train_labels),
+            network=network,
+            autocast=self.autocast,
+        ).to(settings.device)
 
     def autocast(self) -> torch.autocast:
         """bfloat16 on a GPU; full precision on the CPU, where bfloat16 is slow."""
@@ -96,37 +97,13 @@ class Trainer:
 
     def step(self, images: Tensor, labels: Tensor, flips: torch.Generator) -> None:
         """One training step on a uint8 batch already on the device."""
-        x = prepare_batch(images, train=True, generator=flips)
-        with self.autocast():
-            features = None
-            if self.method.aggregator is not None:
-                # The aggregators need the shared features, so they bypass the compiled or
-                # DDP wrapper (they run on one process and uncompiled).
-                features = self.model.forward_features(x)
-                outputs = self.model.forward_heads(features)
-            else:
-                outputs = self.network(x)
-            losses = self.loss_fn(outputs, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.method.backward(losses, self.loss_fn.label_counts, features)
-        self.optimizer.step()
-        self.method.after_optimizer_step(functools.partial(self._losses, x, labels))
-
-    def _losses(self, x: Tensor, labels: Tensor) -> Tensor:
-        with self.autocast():
-            losses: Tensor = self.loss_fn(self.network(x), labels)
-        return losses
+        self.method.step(prepare_batch(images, train=True, generator=flips), labels)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "method": self.method.state_dict(),
-        }
+        return {"model": self.model.state_dict(), "method": self.method.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
 
 
@@ -136,14 +113,18 @@ def run_method(
     batches: BatchSource,
     train_labels: npt.NDArray[np.float32],
     settings: Settings,
+    run_name: str | None = None,
 ) -> RunResult:
-    """Train one method from its last checkpoint (or from scratch), then test it.
+    """Train one method with ``settings.seed`` from its last checkpoint (or from scratch),
+    then test it.
 
-    Returns the run's entry of ``results["runs"]``. Every epoch ends with an atomic
-    checkpoint, so an interrupted run resumes from its last completed epoch and ends with
-    the same results as an uninterrupted one (bit for bit on the CPU).
+    Returns the run's entry of ``results["runs"]``, ``run_name`` (the method's name by
+    default) naming its checkpoint. Every epoch ends with an atomic checkpoint, so an
+    interrupted run resumes from its last completed epoch and ends with the same results
+    as an uninterrupted one (bit for bit on the CPU).
     """
-    checkpoint_path = settings.checkpoint_dir / f"{method_name}.pt"
+    run_name = run_name or method_name
+    checkpoint_path = settings.checkpoint_dir / f"{run_name.replace('/', '-')}.pt"
     state = _load_checkpoint(checkpoint_path, settings.device)
     if state is not None and "result" in state:
         finished: RunResult = state["result"]
@@ -163,12 +144,14 @@ def run_method(
         torch.manual_seed(settings.seed * 1000 + epoch)
         flips = torch.Generator(settings.device).manual_seed(settings.seed * 1000 + epoch)
         trainer.model.train()
-        description = f"{method_name} {epoch + 1}/{settings.epochs}"
-        for images, labels in _progress(batches("train", epoch=epoch), description, settings):
+        description = f"{run_name} {epoch + 1}/{settings.epochs}"
+        for images, labels in _progress(
+            batches("train", epoch=epoch, seed=settings.seed), description, settings
+        ):
             trainer.step(images, labels, flips)
         trainer.method.end_epoch()
 
-        valid_batches = _progress(batches("valid", epoch=0), "valid", settings)
+        valid_batches = _progress(batches("valid", epoch=0, seed=settings.seed), "valid", settings)
         valid = scores(evaluate(trainer, valid_batches), tasks)
         scheduler = trainer.method.scheduler
         history.append(
@@ -184,6 +167,10 @@ def run_method(
                 seconds=time.perf_counter() - started,
             )
         )
+        if settings.is_main:
+            # One line per epoch that survives in a log (the bars are erased) and with
+            # --no-progress.
+            _log_epoch(run_name, history[-1], settings.epochs)
         # Model selection on the validation split only; the test split is read once, below.
         if valid["mean_accuracy"] > best["score"]:
             best = {
@@ -197,9 +184,15 @@ def run_method(
         save_checkpoint(checkpoint_path, {**checkpoint, "history": history, "best": best}, settings)
 
     trainer.model.load_state_dict(best["model"])
-    test = scores(evaluate(trainer, _progress(batches("test", epoch=0), "test", settings)), tasks)
+    test = scores(
+        evaluate(
+            trainer, _progress(batches("test", epoch=0, seed=settings.seed), "test", settings)
+        ),
+        tasks,
+    )
     result = RunResult(
         method=method_name,
+        seed=settings.seed,
         description=trainer.method.description,
         epochs=history,
         selected_epoch=best["epoch"],
@@ -273,6 +266,19 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any] | None:
         return None
     state: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
     return state
+
+
+def _log_epoch(method_name: str, record: EpochRecord, epochs: int) -> None:
+    losses = [v for v in record["train_loss"].values() if v is not None and math.isfinite(v)]
+    line = (
+        f"{method_name} epoch {record['epoch'] + 1}/{epochs}: train loss "
+        f"{sum(losses) / max(len(losses), 1):.4f}, valid mean accuracy "
+        f"{record['valid']['mean_accuracy']:.4f}, {record['seconds']:.1f} s"
+    )
+    dropped = [task for task, kept in record["gates"].items() if not kept]
+    if dropped and record["epoch"] + 1 < epochs:
+        line += f"; next epoch drops {', '.join(dropped)}"
+    tqdm.write(line, file=sys.stdout)
 
 
 def _progress(

@@ -13,6 +13,8 @@ import reporting
 from PIL import Image
 from reporting import EpochRecord, EvaluationMetrics, Results, RunResult
 
+from dstmtl.study.statistics import PairedComparison, Summary
+
 TASKS = ["Male", "Smiling", "Young"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -87,6 +89,7 @@ def _run(name: str, description: str, wall_seconds: float) -> RunResult:
     }
     return {
         "method": name,
+        "seed": 1234,
         "description": description,
         "epochs": [_epoch(name, epoch) for epoch in range(3)],
         "selected_epoch": 1,
@@ -103,17 +106,26 @@ def _results() -> Results:
             "dstmtl_version": "0.1.0",
             "torch_version": "2.5.1",
             "seed": 1234,
-            "hardware": {"device": "cpu", "device_name": "cpu", "cpu": "Test CPU", "gpus": 0},
+            "seeds": [1234],
+            "hardware": {
+                "device": "cpu",
+                "device_name": "cpu",
+                "cpu": "Test CPU",
+                "gpus": 0,
+                "processes": 1,
+            },
             "dataset": "demo",
             "root": "/tmp/demo",
             "attributes": list(TASKS),
             "image_size": 64,
             "batch_size": 32,
+            "effective_batch_size": 32,
             "epochs": 3,
             "started": "2024-01-01T00:00:00",
             "finished": "2024-01-01T00:05:00",
             "resumed": [],
             "network_depth": dict.fromkeys(TASKS, 18),
+            "load_average": {"start": [1.0, 2.0, 3.0], "end": [4.0, 2.5, 3.0]},
         },
         "majority_baseline": {"Male": 0.58, "Smiling": 0.52, "Young": 0.77},
         "test_positive_rate": {"Male": 0.42, "Smiling": 0.48, "Young": 0.77},
@@ -262,7 +274,7 @@ def test_method_comparison(results: Results) -> None:
     # method, description, accuracy, balanced, F1, rank, epoch, seconds, minutes, difference
     assert equal[5:] == ["2.17", "1", "95.0", "1.58", "reference"]
     assert dst[:2] == ["dst", "DST, task incompleteness"]
-    assert dst[5:] == ["1.33", "1", "180.0", "3.00", "+0.0200"]
+    assert dst[5:] == ["1.33", "1", "180.0", "3.00", "+0.0200 †"]  # selected before a drop
     assert uw[5] == "2.50"
     assert uw[-1] == f"{_mean(ACCURACY['uw']) - _mean(ACCURACY['equal']):+.4f}"
     assert dst[2:5] == [f"{_mean(table['dst']):.4f}" for table in (ACCURACY, BALANCED, F1)]
@@ -283,7 +295,7 @@ def test_terms_and_keep_probability_tables(results: Results) -> None:
 
     keep = _section(markdown, "Keep probabilities per epoch: dst")
     assert _row(keep, "0") == ["1.0000", "1.0000", "1.0000"]
-    assert _row(keep, "2") == ["0.9000", "0.6000", "0.3000 (dropped)"]  # gates: p > 0.5
+    assert _row(keep, "1") == ["0.8000", "0.7000", "0.4000 (dropped)"]  # gates: p > 0.5
 
 
 def test_training_loss_table_shows_nan_and_selected_epoch(results: Results) -> None:
@@ -366,3 +378,83 @@ def test_summary_with_forty_tasks_still_fits(results: Results) -> None:
     assert len(lines) <= 25
     assert any("more tasks in results.md" in line for line in lines)
     assert lines[-1].startswith("mean ")
+
+
+def test_the_dst_drops_section_warns_when_the_selected_epoch_predates_the_first_drop(
+    results: Results,
+) -> None:
+    # The fixture's DST draw at the end of epoch 1 drops Young, so epoch 2 is the first with
+    # a task dropped, and the selected epoch is 1.
+    run = results["runs"]["dst"]
+    assert reporting.dst_drops(run) == ([2], True)
+    markdown = reporting.markdown_report(results)
+    drops = _section(markdown, "DST drops")
+    assert "| dst " in drops
+    assert "these weights are an equal-weight run's" in drops
+    comparison = _section(markdown, "Method comparison")
+    assert "†" in _row(comparison, "dst")[-1]
+    run["selected_epoch"] = 2
+    assert reporting.dst_drops(run) == ([2], False)
+    assert "equal-weight run's" not in _section(reporting.markdown_report(results), "DST drops")
+
+
+def test_a_draw_that_no_epoch_applies_is_not_marked_dropped(results: Results) -> None:
+    keep = _section(reporting.markdown_report(results), "Keep probabilities per epoch: dst")
+    assert _row(keep, "1")[-1] == "0.4000 (dropped)"  # applied in epoch 2
+    assert _row(keep, "2")[-1] == "0.3000"  # the run ended: no epoch applied it
+
+
+def test_wall_time_is_flagged_as_the_hosts_load(results: Results) -> None:
+    note = _section(reporting.markdown_report(results), "Method comparison")
+    assert "not a cost comparison on a shared host" in note
+    assert "at the start 1.00/2.00/3.00, at the end 4.00/2.50/3.00" in note
+
+
+def test_twelve_runs_get_twelve_colours() -> None:
+    for count in (3, 12, 20):
+        colours = reporting.run_colours(count)
+        assert len(set(map(str, colours))) == count
+
+
+def test_the_keep_probability_figure_marks_the_draws_that_dropped_a_task(
+    results: Results,
+) -> None:
+    run = results["runs"]["dst"]
+    # Young's keep probability is below 0.5 at epochs 1 and 2; epoch 2's draw is the last.
+    assert reporting.dropping_draws(run, "Young") == [1]
+    assert reporting.dropping_draws(run, "Male") == []
+
+
+def test_the_seeds_section_by_hand(results: Results) -> None:
+    one_seed = reporting.markdown_report(results)
+    assert "## Seeds" not in one_seed
+    base = results["runs"]
+    runs: dict[str, RunResult] = {}
+    # Mean accuracies over tasks: equal 0.80, 0.82, 0.84; dst 0.81, 0.84, 0.86.
+    for seed, (equal, dst) in enumerate([(0.80, 0.81), (0.82, 0.84), (0.84, 0.86)]):
+        for name, value in (("equal", equal), ("dst", dst)):
+            run = json.loads(json.dumps(base[name]))
+            run["seed"] = seed
+            run["test"]["accuracy"] = dict.fromkeys(TASKS, value)
+            run["test"]["mean_accuracy"] = value
+            runs[f"{name}/seed{seed}"] = run
+    results["runs"] = runs
+    statistics = reporting.seed_statistics(results)
+    assert list(statistics) == ["equal", "dst"]
+    reference = statistics["equal"]["mean_accuracy"]
+    assert isinstance(reference, Summary)
+    assert (reference.mean, reference.std) == pytest.approx((0.82, 0.02))
+    comparison = statistics["dst"]["vs_reference"]
+    assert isinstance(comparison, PairedComparison)
+    # Differences 0.01, 0.02, 0.02: mean 0.05/3, s = 0.01/sqrt(3), t = 5, df 2.
+    assert comparison.differences == pytest.approx((0.01, 0.02, 0.02))
+    assert comparison.t == pytest.approx(5.0)
+    assert (comparison.wins, comparison.losses) == (3, 0)
+    change = statistics["dst"]["delta_m"]
+    assert isinstance(change, Summary)
+    assert change.mean == pytest.approx(-100 * (0.01 / 0.80 + 0.02 / 0.82 + 0.02 / 0.84) / 3)
+    section = _section(reporting.markdown_report(results), "Seeds")
+    row = _row(section, "dst")
+    assert row[0] == "0.8367 ± 0.0252"
+    assert row[3] == "3/0"
+    assert row[4].startswith("0.038")  # two-sided p of t = 5 with 2 degrees of freedom

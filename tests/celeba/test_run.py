@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 from urllib.error import URLError
 
+import arguments
 import celeba_files
+import pipeline
 import pytest
 import run
 import study
@@ -253,7 +255,7 @@ def test_a_study_of_an_older_format_is_not_resumed(
     config = json.loads((older / "study.json").read_text())
     del config["study_format"]  # as written before the format was recorded
     (older / "study.json").write_text(json.dumps(config))
-    fails(tiny_demo(older, "--resume", "--epochs", "3"), capsys, "study_format: was None, now 3")
+    fails(tiny_demo(older, "--resume", "--epochs", "3"), capsys, "study_format: was None, now 6")
 
 
 def test_missing_weights_say_where_to_put_them(
@@ -384,6 +386,10 @@ def test_torchrun_with_two_processes(tmp_path: Path) -> None:
     results = json.loads((out / "metrics.json").read_text())
     assert list(results["runs"]) == ["equal", "dst"]
     assert all(0 <= v <= 1 for v in results["runs"]["dst"]["test"]["accuracy"].values())
+    # Its own record reproduces it: the launcher, the processes and the batch per step.
+    assert results["study"]["command"].startswith("torchrun --nproc_per_node=2 ")
+    assert results["study"]["hardware"]["processes"] == 2
+    assert results["study"]["effective_batch_size"] == 32
 
 
 def test_the_dataloader_fallback_runs_the_study(tmp_path: Path) -> None:
@@ -403,20 +409,20 @@ def test_ranks_share_the_training_set_without_repeating_an_image(
 ) -> None:
     # 84 training images among 5 ranks: each takes 16 and four sit out the epoch, as with
     # DistributedSampler(drop_last=True), rather than some ranks seeing an image twice.
-    args = run._parser().parse_args(
+    args = arguments.parser().parse_args(
         ["--batch-size", "6", "--image-size", "16", "--workers", "0", "--no-progress"]
     )
     args.cache = cache
     # The ranks are simulated one after the other, without a process group.
-    monkeypatch.setattr(run, "_on_first_rank", lambda work, rank, world_size: work())
+    monkeypatch.setattr(pipeline, "_on_first_rank", lambda work, rank, world_size: work())
     files = celeba_files.locate(demo_root)
     splits = celeba_files.load_splits(files, celeba_files.DEFAULT_ATTRIBUTES)
     assert len(splits["train"].labels) == 84
     seen: list[bytes] = []
     for rank in range(5):
-        batches = run._batch_source(
+        batches = pipeline._batch_source(
             args, splits, files.image_dir, tmp_path, rank, 5, torch.device("cpu")
-        )("train", epoch=0)
+        )("train", epoch=0, seed=0)
         images = torch.cat([images for images, _ in batches])
         assert len(images) == 16
         assert len(batches) == 3
@@ -433,7 +439,7 @@ def _fail_on_first_rank(rank: int, directory: str) -> None:
         def full_disk() -> None:
             raise OSError(28, "No space left on device")
 
-        run._on_first_rank(full_disk, rank, 2)
+        pipeline._on_first_rank(full_disk, rank, 2)
     except Exception as error:
         (Path(directory) / f"rank{rank}").write_text(f"{type(error).__name__}: {error}")
     finally:
@@ -448,18 +454,38 @@ def test_an_error_on_the_first_rank_reaches_the_others(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("module", ["matplotlib", "tqdm", "dstmtl"])
-def test_a_missing_install_step_is_named(module: str) -> None:
+def _run_script(argv: list[str], missing: str) -> subprocess.CompletedProcess[str]:
+    """``run.py argv`` in a fresh interpreter where ``missing`` cannot be imported."""
     script = Path(run.__file__)
     # None in sys.modules makes the import raise ModuleNotFoundError, as if not installed.
     code = (
-        f"import runpy, sys; sys.modules[{module!r}] = None; "
-        f"sys.path.insert(0, {str(script.parent)!r}); sys.argv = ['run.py', '--help']; "
+        f"import runpy, sys; sys.modules[{missing!r}] = None; "
+        f"sys.path.insert(0, {str(script.parent)!r}); sys.argv = ['run.py', *{argv!r}]; "
         f"runpy.run_path({str(script)!r}, run_name='__main__')"
     )
-    completed = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
+
+
+def test_help_answers_without_importing_torch() -> None:
+    completed = _run_script(["--help"], "torch")
+    assert completed.returncode == 0, completed.stderr
+    assert "--seeds" in completed.stdout
+    refused = _run_script(["--epochs", "0"], "torch")
+    assert refused.returncode == 2
+    assert "must be at least 1" in refused.stderr
+
+
+def test_the_dst_metric_names_are_dstmtls_terms() -> None:
+    from dstmtl.study.methods import DST_TERMS
+
+    assert arguments.DST_METRICS == DST_TERMS
+
+
+@pytest.mark.parametrize("module", ["matplotlib", "tqdm", "dstmtl"])
+def test_a_missing_install_step_is_named(module: str, tmp_path: Path) -> None:
+    completed = _run_script(["--demo", "--out", str(tmp_path / "o")], module)
     assert completed.returncode == 1
     assert "Traceback" not in completed.stderr
     assert f"needs {module!r}, which is not installed" in completed.stderr
@@ -489,7 +515,7 @@ def test_the_dataloader_fallback_checks_and_reports_images(
     assert "worker" not in message
 
 
-def test_a_start_stopped_by_missing_data_is_not_a_session(
+def test_a_start_stopped_by_missing_data_leaves_no_study(
     demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = demo_copy
@@ -500,22 +526,126 @@ def test_a_start_stopped_by_missing_data_is_not_a_session(
     argv = ["--root", str(root), "--out", str(out), "--weights", "none", "--methods", "equal"]
     argv += [*TINY, "--epochs", "1"]
     fails(argv, capsys, "list_eval_partition.txt")
-    fails([*argv, "--resume"], capsys, "list_eval_partition.txt")
-    assert not (out / "sessions.json").exists()
+    assert not out.exists()
+    fails(["--root", str(tmp_path / "nowhere"), *argv[2:]], capsys, "nowhere")
+    assert not out.exists()
 
     partition.write_text(partition_text)
-    assert run.main([*argv, "--resume"]) == 0
+    # The same command, once the data is fixed: not refused as "another study".
+    assert run.main(argv) == 0
     study = json.loads((out / "metrics.json").read_text())["study"]
-    # The start that trained is the study's first, not a resume of an unknown one.
-    assert study["argv"] == [*argv, "--resume"]
+    assert study["argv"] == argv
     assert study["resumed"] == []
+
+
+def test_a_start_stopped_by_a_broken_image_leaves_no_study(
+    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = demo_copy
+    image = sorted((root / "img_align_celeba").iterdir())[0]
+    original = image.read_bytes()
+    image.write_bytes(original[:300])  # truncated
+    out = tmp_path / "study"
+    argv = ["--root", str(root), "--out", str(out), "--weights", "none", "--methods", "equal"]
+    argv += [*TINY, "--epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--workers", "0"]
+    fails(argv, capsys, image.name)
+    assert not (out / "study.json").exists()
+    assert not (out / "sessions.json").exists()
+    image.write_bytes(original)
+    assert run.main(argv) == 0
+
+
+@pytest.mark.parametrize("parent_is", ["file", "sys"])
+def test_an_out_folder_that_cannot_be_created_is_a_one_line_error(
+    parent_is: str, demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = blocker / "out" if parent_is == "file" else Path("/sys/dstmtl-study-test")
+    if parent_is == "sys" and not Path("/sys").is_dir():
+        pytest.skip("no /sys here")
+    argv = ["--root", str(demo_root), "--out", str(out), "--weights", "none", "--methods", "equal"]
+    fails([*argv, *TINY, "--cache-dir", str(tmp_path / "cache")], capsys, str(out))
+
+
+def test_resume_refuses_changed_labels(
+    finished_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    changed = tmp_path / "changed"
+    shutil.copytree(finished_study, changed)
+    attributes = changed / "demo_data" / "list_attr_celeba.txt"
+    lines = attributes.read_text().splitlines()
+    # Flip the first attribute column of every image (rows after the count and header).
+    flipped = [
+        line
+        if i < 2
+        else " ".join([line.split()[0], str(-int(line.split()[1])), *line.split()[2:]])
+        for i, line in enumerate(lines)
+    ]
+    attributes.write_text("\n".join(flipped) + "\n")
+    fails(
+        tiny_demo(changed, "--resume", "--epochs", "3"),
+        capsys,
+        "the data changed since the study started (list_attr_celeba.txt)",
+    )
 
 
 def test_a_study_from_before_sessions_keeps_its_resume_apart(tmp_path: Path) -> None:
     (tmp_path / "checkpoints").mkdir()  # it trained before sessions were recorded
-    resume = run._session(["--resume", "--out", str(tmp_path)], torch.device("cpu"), 1)
-    sessions = run._record_session(tmp_path, resume, resume=True)
+    resume = pipeline._session(["--resume", "--out", str(tmp_path)], torch.device("cpu"), 1)
+    sessions = pipeline._record_session(tmp_path, resume, resume=True)
     assert [session["argv"] for session in sessions] == [[], resume["argv"]]
     assert sessions[0]["command"].startswith("unknown")
-    again = run._record_session(tmp_path, resume, resume=True)
+    again = pipeline._record_session(tmp_path, resume, resume=True)
     assert again == [*sessions, resume]
+
+
+@pytest.mark.parametrize("defaults", [pipeline._DEMO, pipeline._FULL], ids=["demo", "full"])
+def test_the_default_epochs_leave_dst_epochs_to_drop_in(defaults: dict[str, Any]) -> None:
+    # DST's first draw is made at the end of epoch 1 and acts from epoch 2 on.
+    epochs = defaults["epochs"]
+    assert isinstance(epochs, int)
+    assert epochs - 2 >= 3
+
+
+def test_each_epoch_prints_a_line_without_progress_bars(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    argv = ["--root", str(demo_root), "--out", str(out), "--weights", "none", "--methods", "equal"]
+    assert run.main([*argv, *TINY, "--cache-dir", str(tmp_path / "cache")]) == 0
+    printed = capsys.readouterr().out
+    for epoch in (1, 2):
+        assert f"equal epoch {epoch}/2: train loss " in printed
+    assert "valid mean accuracy" in printed
+    study = json.loads((out / "metrics.json").read_text())["study"]
+    assert set(study["load_average"]) == {"start", "end"}
+
+
+def test_a_torchrun_session_records_its_launcher_and_processes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    session = pipeline._session(["--demo"], torch.device("cpu"), 2)
+    assert session["command"].startswith("torchrun --nproc_per_node=2 ")
+    assert session["command"].endswith("run.py --demo")
+    assert session["hardware"]["processes"] == 2
+    alone = pipeline._session(["--demo"], torch.device("cpu"), 1)
+    assert alone["command"].split()[0].startswith("python")
+
+
+def test_seeds_run_every_method_with_each_seed(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    argv = ["--root", str(demo_root), "--out", str(out), "--weights", "none", *TINY]
+    argv += ["--cache-dir", str(tmp_path / "cache")]
+    fails([*argv, "--seeds", "a,b"], capsys, "--seeds", "do not parse")
+    assert run.main([*argv, "--seeds", "2"]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    assert list(results["runs"]) == ["equal/seed0", "dst/seed0", "equal/seed1", "dst/seed1"]
+    assert results["study"]["seeds"] == [0, 1]
+    first = {name: run_["epochs"][0]["train_loss"] for name, run_ in results["runs"].items()}
+    assert first["dst/seed0"] == first["equal/seed0"]  # same seed: same weights and data
+    assert first["equal/seed1"] != first["equal/seed0"]
+    assert "## Seeds" in (out / "results.md").read_text()

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from atomic import write_bytes
+
+from dstmtl.study._atomic import write_bytes
 
 
 def _dead_pid() -> int:
