@@ -226,19 +226,25 @@ def _scores(net: MultiHeadNet, test: _Split) -> dict[str, float]:
 
 
 def _summary(runs: Sequence[_Run], test: _Split) -> str:
-    lines = ["", "task | measure | paper | cool-down | runs that forgot (paper / cool-down)"]
+    lines = [
+        "",
+        "task | measure | paper | cool-down | dropped epochs | runs that forgot "
+        "(paper / cool-down)",
+    ]
+    by_schedule = {name: [run for run in runs if run.schedule == name] for name in _SCHEDULES}
     for task, kind in _TASKS.items():
         measure = "test MAE" if kind == "regression" else "test accuracy"
         cells = []
         for schedule in _SCHEDULES:
-            scores = [run.scores[task] for run in runs if run.schedule == schedule]
+            scores = [run.scores[task] for run in by_schedule[schedule]]
             spread = statistics.stdev(scores) if len(scores) > 1 else float("nan")
             cells.append(f"{statistics.mean(scores):.4f} +- {spread:.4f}")
-        forgot = [
-            sum(run.forgot[task] > 0 for run in runs if run.schedule == schedule)
-            for schedule in _SCHEDULES
-        ]
-        lines.append(f"{task} | {measure} | {' | '.join(cells)} | {forgot[0]} / {forgot[1]}")
+        dropped = [sum(run.dropped[task] for run in by_schedule[name]) for name in _SCHEDULES]
+        forgot = [sum(run.forgot[task] > 0 for run in by_schedule[name]) for name in _SCHEDULES]
+        lines.append(
+            f"{task} | {measure} | {' | '.join(cells)} | {dropped[0]} / {dropped[1]} | "
+            f"{forgot[0]} / {forgot[1]}"
+        )
     for task, kind in _TASKS.items():
         if kind == "regression":
             target = test.targets[task]

@@ -7,15 +7,19 @@ printed above them, not against targets.
 
 from __future__ import annotations
 
+import gzip
 import re
+import struct
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import forgetting
 import overhead
 import throughput
 
@@ -67,3 +71,42 @@ def test_a_count_below_one_is_refused(
     with pytest.raises(SystemExit):
         script.main([option, "0"])
     assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def write_mnist(root: Path, train: int, test: int) -> None:
+    """Random digits in MNIST's IDX files (gzipped), in torchvision's folder layout."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for prefix, count in (("train", train), ("t10k", test)):
+        images = torch.randint(0, 256, (count, 28, 28), generator=generator, dtype=torch.uint8)
+        labels = torch.arange(count, dtype=torch.uint8) % 10
+        header = struct.pack(">IIII", 2051, count, 28, 28)
+        (raw / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(header + images.numpy().tobytes())
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress(struct.pack(">II", 2049, count) + labels.numpy().tobytes())
+        )
+
+
+def test_forgetting_compares_the_schedules_on_mnist_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_mnist(tmp_path, train=64, test=32)
+    argv = ["--root", str(tmp_path), "--images", "64", "--epochs", "3", "--seeds", "0,1"]
+    assert forgetting.main([*argv, "--batch-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "64 training and 32 test images, 3 epochs" in out
+    rows = [line for line in out.splitlines() if line.startswith(("digit |", "ink |"))]
+    assert len(rows) == 2
+    assert re.search(r"ink: predicting the test mean gives MAE [\d.]+", out)
+
+
+def test_forgetting_names_a_missing_mnist_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_mnist(tmp_path, train=8, test=8)
+    (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").unlink()
+    assert forgetting.main(["--root", str(tmp_path)]) == 2
+    assert "t10k-labels-idx1-ubyte(.gz) is missing" in capsys.readouterr().err
