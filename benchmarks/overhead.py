@@ -20,6 +20,11 @@ losses alone (the backbone replaced by random features).
 The last lines give, per device and task count, the library's time per step divided by
 each hand-written one, with the targets (<= 1.03x the fused step, and no slower than the
 loop) marked PASS or MISS; nothing is asserted.
+
+A last measurement is what skipping the heads of dropped tasks saves
+(``model(x, tasks=scheduler.active_tasks)``, docs/howto.md (g)): ``--decoder-tasks`` dense
+tasks, each with a convolutional decoder that upsamples the encoder's map back to the
+input size, half of them dropped, every head run against the kept heads only.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from _timing import add_settings_options, device_conditions, time_interleaved, w
 from torch import Tensor, nn
 
 from dstmtl import FusedLinearHeads, MaskedMultiTaskLoss, MultiHeadNet, TaskDropScheduler
-from dstmtl.metrics import Constant, TaskIncompleteness
+from dstmtl.metrics import Constant, EpochStatistics, Metric, TaskIncompleteness
 
 _FEATURES = 64  # the small CNN's pooled feature width
 _MISSING_FRACTION = 0.3
@@ -66,6 +71,15 @@ _DEFAULTS = {
     "cpu": _Settings(image_size=64, batch_size=32, steps=8, repeats=25, warmup=5),
     "cuda": _Settings(image_size=128, batch_size=256, steps=50, repeats=9, warmup=10),
 }
+
+
+# Dense decoders are far heavier per step than the linear heads: their own, small sizes.
+_DECODER_DEFAULTS = {
+    "cpu": _Settings(image_size=32, batch_size=8, steps=2, repeats=7, warmup=1),
+    "cuda": _Settings(image_size=128, batch_size=64, steps=10, repeats=7, warmup=3),
+}
+_EVERY_HEAD = "every head (the paper's)"
+_KEPT_HEADS = "kept heads only"
 
 
 # The backbone replaced by its features: only what the variants differ in (heads, losses,
@@ -130,6 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{result.ratio(_MISSING, _LOOP):.3f}x loop (not a target: the baselines have "
             "every label)"
         )
+    for device in devices if args.decoder_tasks else ():
+        saving = _decoder_saving(device, args.decoder_tasks)
+        print(_table(saving, _DECODER_DEFAULTS[device.type].batch_size, baseline=_EVERY_HEAD))
+        print(
+            f"overhead {device.type} {args.decoder_tasks} dense decoders, half dropped: kept "
+            f"heads only {saving.ratio(_KEPT_HEADS, _EVERY_HEAD):.3f}x every head"
+        )
     for result in results:
         print(_summary(result))
     return 0
@@ -151,6 +172,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tasks", default="8,40", help="comma-separated numbers of tasks [%(default)s]"
+    )
+    parser.add_argument(
+        "--decoder-tasks",
+        type=int,
+        default=4,
+        help="dense tasks for the saving of skipped heads, 0 to leave it out [%(default)s]",
     )
     add_settings_options(parser, _DEFAULTS)
     return parser
@@ -195,6 +222,68 @@ def _benchmark(
             variants, device, warmup=settings.warmup, repeats=settings.repeats, steps=settings.steps
         ),
     )
+
+
+class _DropOdd(Metric):
+    """Keeps the even tasks for sure and drops the odd ones: half the decoders idle."""
+
+    name = "drop_odd"
+
+    def __call__(self, stats: EpochStatistics) -> Tensor:
+        return (torch.arange(len(stats.task_names)) % 2 == 0).double()
+
+
+def _decoder_saving(device: torch.device, num_tasks: int) -> _Result:
+    settings = _DECODER_DEFAULTS[device.type]
+    tasks = [f"map{j}" for j in range(num_tasks)]
+    generator = torch.Generator().manual_seed(0)
+    size, batch = settings.image_size, settings.batch_size
+    images = torch.randn(batch, 3, size, size, generator=generator).to(device)
+    targets = {t: torch.randn(batch, 1, size, size, generator=generator).to(device) for t in tasks}
+    torch.manual_seed(0)
+    encoder = nn.Sequential(
+        nn.Conv2d(3, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+    )
+    decoders = {
+        t: nn.Sequential(
+            nn.Upsample(scale_factor=4, mode="bilinear"),
+            nn.Conv2d(64, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 1, 1),
+        )
+        for t in tasks
+    }
+    net = MultiHeadNet(encoder, decoders)
+
+    def step(skip: bool) -> Callable[[], None]:
+        model = _copy_to(net, device)
+        loss_fn = MaskedMultiTaskLoss(dict.fromkeys(tasks, "regression"))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        scheduler = TaskDropScheduler(tasks, [_DropOdd()], min_active_tasks=0, generator=0)
+        scheduler.attach(model, optimizer)
+        scheduler.step([1.0] * num_tasks)
+        scheduler.step([1.0] * num_tasks)  # the draw: the odd tasks are dropped
+
+        def run() -> None:
+            with _autocast(device):
+                outputs = model(images, tasks=scheduler.active_tasks if skip else None)
+                losses = loss_fn(outputs, targets)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler(losses, loss_fn.label_counts).backward()
+            optimizer.step()
+
+        return run
+
+    variants = {_EVERY_HEAD: step(skip=False), _KEPT_HEADS: step(skip=True)}
+    seconds = time_interleaved(
+        variants, device, warmup=settings.warmup, repeats=settings.repeats, steps=settings.steps
+    )
+    return _Result(device.type, num_tasks, heads_only=False, seconds=seconds)
 
 
 def _network(num_tasks: int, heads_only: bool) -> tuple[nn.Module, list[nn.Linear]]:
@@ -314,14 +403,16 @@ def _header(device: torch.device, settings: _Settings) -> str:
     )
 
 
-def _table(result: _Result, batch_size: int) -> str:
-    # The ratio of the fastest repetitions beside that of the medians: on a shared machine
-    # the noise only ever adds time, so the two agreeing is a sign the figure is sound.
-    fastest = min(result.seconds[_FUSED])
+def _table(result: _Result, batch_size: int, baseline: str = _FUSED) -> str:
+    # Each variant's median over the baseline's (the hand-written fused step, or every
+    # head for the decoders), and the ratio of the fastest repetitions beside it: on a
+    # shared machine the noise only ever adds time, so the two agreeing is a sign the
+    # figure is sound.
+    fastest = min(result.seconds[baseline])
     title = "heads and losses only" if result.heads_only else "whole step"
     rows = [
         f"  K={result.num_tasks:<3} {title:<32} {'ms/step':>8} {'min':>8} {'max':>8} "
-        f"{'img/s':>7}  {'/ fused':>7} {'(min)':>6}"
+        f"{'img/s':>7}  {'ratio':>7} {'(min)':>6}"
     ]
     for name, seconds in result.seconds.items():
         median = statistics.median(seconds)
@@ -329,7 +420,7 @@ def _table(result: _Result, batch_size: int) -> str:
         rate = "" if result.heads_only else f"{batch_size / median:7.1f}"
         rows.append(
             f"  {'':5} {name:<32} {median * 1e3:8.2f} {min(seconds) * 1e3:8.2f} "
-            f"{max(seconds) * 1e3:8.2f} {rate:>7}  {result.ratio(name, _FUSED):7.3f} "
+            f"{max(seconds) * 1e3:8.2f} {rate:>7}  {result.ratio(name, baseline):7.3f} "
             f"{min(seconds) / fastest:6.3f}"
         )
     return "\n".join(rows)

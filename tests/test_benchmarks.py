@@ -29,7 +29,8 @@ TINY = ["--device", "cpu", "--repeats", "1", "--steps", "1", "--warmup", "0", "-
 def test_overhead_prints_its_ratios_last(capsys: pytest.CaptureFixture[str]) -> None:
     argv = [*TINY, "--tasks", "2,3", "--image-size", "32", "--batch-size", "4"]
     assert overhead.main(argv) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
     for num_tasks, line in zip((2, 3), lines[-2:], strict=True):
         match = re.fullmatch(
             rf"overhead cpu K={num_tasks}: ([\d.]+)x fused \[(PASS|MISS) <= 1\.03\], "
@@ -40,6 +41,11 @@ def test_overhead_prints_its_ratios_last(capsys: pytest.CaptureFixture[str]) -> 
         fused, loop = float(match[1]), float(match[3])
         assert fused > 0
         assert loop > 0
+    saving = re.search(
+        r"overhead cpu 4 dense decoders, half dropped: kept heads only ([\d.]+)x every head", out
+    )
+    assert saving, out
+    assert float(saving[1]) > 0
 
 
 def test_throughput_prints_its_ratio_last(
