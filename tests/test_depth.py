@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from dstmtl import MultiHeadNet
 from dstmtl.metrics import NetworkDepth
@@ -48,14 +47,17 @@ def test_torchvision_depths_with_and_without_a_branch(
     x = torch.zeros(1, 3, size, size)
     net = MultiHeadNet.from_torchvision(name, ["top"])
     assert net.depths(x) == {"top": depth}
-    # A head of any layout on the node: flatten everything it reads.
-    with torch.no_grad():
-        feature = create_feature_extractor(net.backbone, {node: "f"}).eval()(x)["f"]
-    heads = {
-        "top": net.heads["top"],
-        "mid": nn.Sequential(nn.Flatten(), nn.Linear(feature[0].numel(), 1)),
+    # The same model with a default (pooled linear) head on the node; a ViT's tokens need
+    # their layout, the others are read off the feature's shape.
+    layouts = {"mid": "tokens_cls"} if name.startswith("vit") else None
+    branched = MultiHeadNet.from_torchvision(
+        name, {"top": 1, "mid": 3}, branches={"mid": node}, layouts=layouts
+    )
+    outputs = branched.eval()(x)
+    assert {task: tuple(out.shape) for task, out in outputs.items()} == {
+        "top": (1, 1),
+        "mid": (1, 3),
     }
-    branched = MultiHeadNet(net.backbone, heads, branches={"mid": node})
     assert branched.depths(x) == {"top": depth, "mid": node_depth}
 
 
