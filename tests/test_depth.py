@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dstmtl import MultiHeadNet
+from dstmtl import Layout, MultiHeadNet
 from dstmtl.metrics import NetworkDepth
 
 # name, input size, depth with one linear head on the output, a node, depth with one linear
@@ -49,7 +49,7 @@ def test_torchvision_depths_with_and_without_a_branch(
     assert net.depths(x) == {"top": depth}
     # The same model with a default (pooled linear) head on the node; a ViT's tokens need
     # their layout, the others are read off the feature's shape.
-    layouts = {"mid": "tokens_cls"} if name.startswith("vit") else None
+    layouts: dict[str, Layout] | None = {"mid": "tokens_cls"} if name.startswith("vit") else None
     branched = MultiHeadNet.from_torchvision(
         name, {"top": 1, "mid": 3}, branches={"mid": node}, layouts=layouts
     )
