@@ -43,7 +43,9 @@ TRAIN, VALID, TEST = dataset(0, 96), dataset(1, 48), dataset(2, 48)
 
 def model() -> MultiHeadNet:
     heads = {"flag": nn.Linear(16, 1), "kind": nn.Linear(16, 3), "size": nn.Linear(16, 1)}
-    return MultiHeadNet(nn.Sequential(nn.Linear(6, 16), nn.ReLU()), heads)
+    # The example input lets DST's depth term (dst-all) count the layers.
+    backbone = nn.Sequential(nn.Linear(6, 16), nn.ReLU())
+    return MultiHeadNet(backbone, heads, example_input=torch.zeros(1, 6))
 
 
 def config(**changes: Any) -> StudyConfig:
