@@ -305,3 +305,35 @@ def test_network_depth_unwraps_compiled_and_parallel_nets(tmp_path: Path) -> Non
         dist.destroy_process_group()
     with pytest.raises(TypeError, match=r"got Linear; pass the depths explicitly"):
         NetworkDepth(_compiled(nn.Linear(4, 1)))
+
+
+def test_heads_written_into_slices_of_one_buffer_are_refused() -> None:
+    class Slots(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.deep = nn.Sequential(*(nn.Linear(4, 4) for _ in range(5)))
+            self.shallow = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = torch.zeros(x.shape[0], 8)
+            out[:, :4] = self.deep(x)
+            out[:, 4:] = self.shallow(x)  # 1 layer deep beside 5: one record cannot say so
+            return out
+
+    class Columns(nn.Module):
+        def __init__(self, start: int, stop: int) -> None:
+            super().__init__()
+            self.start, self.stop = start, stop
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x[:, self.start : self.stop]
+
+    x = torch.randn(2, 4)
+    read_whole = MultiHeadNet(Slots(), {"a": nn.Linear(8, 1)})
+    assert read_whole.depths(x) == {"a": 6}  # the deepest part, which the head reads
+    slices = {"deep": Columns(0, 4), "shallow": Columns(4, 8)}
+    with pytest.raises(TypeError, match="the output of task 'deep' is part of a tensor"):
+        MultiHeadNet(Slots(), slices).depths(x)
+    heads = {t: nn.Sequential(columns, nn.Linear(4, 1)) for t, columns in slices.items()}
+    with pytest.raises(TypeError, match=r"aten\.\w+\.\w+ reads part of a tensor"):
+        MultiHeadNet(Slots(), heads).depths(x)

@@ -159,6 +159,10 @@ class _DataFlow(TorchDispatchMode):  # type: ignore[no-untyped-call, unused-igno
         # Every storage seen is kept alive, so that no new one reuses a recorded address.
         self._alive: dict[int, torch.UntypedStorage] = {}
         self._records: dict[int, int] = {}
+        # Storages whose parts were written at different depths (slices of a preallocated
+        # buffer): read whole, their record (the deepest part) is right; read in part, it
+        # may not be, and the count refuses.
+        self._mixed: set[int] = set()
         for parameter in parameters:
             self._records[self._key(parameter)] = _LEARNED
         for value in inputs:
@@ -196,7 +200,11 @@ class _DataFlow(TorchDispatchMode):  # type: ignore[no-untyped-call, unused-igno
                 "(a quantized or prepacked layer), which the count cannot follow; "
                 + EXPLICIT_DEPTHS
             )
-        records = [self._record(t) for t in leaves if isinstance(t, Tensor)]
+        self._check_read_whole(func, args)
+        # copy_ overwrites its destination without reading it: the values written carry
+        # their own depth, not the depth of what the rest of the buffer holds.
+        read = leaves[1:] if func.overloadpacket.__name__ == "copy_" else leaves
+        records = [self._record(t) for t in read if isinstance(t, Tensor)]
         depths = [r for r in records if r is not None and r != _LEARNED]
         if depths:
             depth = max(depths) + self._own_depth(func, args, _LEARNED in records)
@@ -207,8 +215,31 @@ class _DataFlow(TorchDispatchMode):  # type: ignore[no-untyped-call, unused-igno
         for tensor in tree_leaves(out):
             if isinstance(tensor, Tensor):
                 key = self._key(tensor)
-                self._records[key] = max(self._records.get(key, _LEARNED), depth)
+                recorded = self._records.get(key, _LEARNED)
+                if recorded not in (_LEARNED, depth) and depth != _LEARNED and _partial(tensor):
+                    self._mixed.add(key)
+                self._records[key] = max(recorded, depth)
         return out
+
+    def _check_read_whole(self, func: Any, args: tuple[Any, ...]) -> None:
+        """Refuse to read part of a storage whose parts hold different depths."""
+        schema = func._schema.arguments
+        for position, arg in enumerate(args):
+            alias = schema[position].alias_info if position < len(schema) else None
+            if alias is not None and alias.is_write:
+                continue  # written, not read: how buffers are filled in part
+            for tensor in tree_leaves(arg):
+                if isinstance(tensor, Tensor):
+                    self._refuse_partial_mixed(tensor, f"the operation {func} reads")
+
+    def _refuse_partial_mixed(self, tensor: Tensor, reader: str) -> None:
+        if self._key(tensor) in self._mixed and _partial(tensor):
+            raise TypeError(
+                f"cannot read the network depth: {reader} part of a tensor whose parts were "
+                "computed through different numbers of weight layers (e.g. heads written "
+                "into slices of one buffer), and the count keeps one depth per tensor; "
+                + EXPLICIT_DEPTHS
+            )
 
     def _own_depth(self, func: Any, args: tuple[Any, ...], learned: bool) -> int:
         name: str = func.overloadpacket.__name__.rstrip("_")
@@ -234,6 +265,7 @@ class _DataFlow(TorchDispatchMode):  # type: ignore[no-untyped-call, unused-igno
                 f"cannot read the depth of task {name!r}: its output is "
                 f"{type(output).__name__}, not a Tensor; " + EXPLICIT_DEPTHS
             )
+        self._refuse_partial_mixed(output, f"the output of task {name!r} is")
         depth = self._record(output)
         if depth is None or depth == _LEARNED:
             raise TypeError(
@@ -248,3 +280,8 @@ class _DataFlow(TorchDispatchMode):  # type: ignore[no-untyped-call, unused-igno
                 "and its output; " + EXPLICIT_DEPTHS
             )
         return depth
+
+
+def _partial(tensor: Tensor) -> bool:
+    """Whether ``tensor`` covers only part of its storage (a slice of a larger buffer)."""
+    return tensor.numel() * tensor.element_size() < tensor.untyped_storage().nbytes()
