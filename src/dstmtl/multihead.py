@@ -78,7 +78,10 @@ class MultiHeadNet(nn.Module):
     Attributes:
         backbone: The backbone, or with ``branches`` its feature extractor.
         heads: The heads, an ``nn.ModuleDict`` in task order (for fused heads, the
-            per-task :class:`~dstmtl.FusedLinearHead` handles, which own no parameters).
+            per-task :class:`~dstmtl.FusedLinearHead` handles, which own no parameters:
+            ``net.heads.parameters()`` leaves the fused ones out, while
+            ``net.heads[task].parameters()`` yields the shared matrices; for an optimizer
+            group of all head parameters, add ``net.fused_heads.parameters()``).
         fused_heads: The :class:`~dstmtl.FusedLinearHeads` behind the handles, once each,
             an ``nn.ModuleList``: where the fused parameters are registered.
         branches: The ``branches`` given, a ``dict`` (empty without branches).
