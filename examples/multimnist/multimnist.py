@@ -91,6 +91,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the study; 2 with one line on stderr for bad input, before anything is written."""
     args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         config = _config(args)
         root = Path(args.root)
@@ -101,8 +103,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StudyError, MnistDataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     try:
         results = run_study(
