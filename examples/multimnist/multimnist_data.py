@@ -64,7 +64,8 @@ def download(root: Path) -> None:
     try:
         torchvision.datasets.MNIST(str(root), train=True, download=True)
     except (RuntimeError, OSError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        lines = str(error).strip().splitlines()
+        first = lines[0].rstrip(":") if lines else type(error).__name__
         raise MnistDataError(
             f"--download could not fetch MNIST into {root} ({first}); connect to the network, "
             f"or copy the four MNIST files into {root / 'MNIST' / 'raw'} and drop --download"
