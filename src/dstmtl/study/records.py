@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-__all__ = ["EpochRecord", "RunResult", "StudyResults"]
+__all__ = ["EpochRecord", "Hardware", "RunResult", "Session", "StudyResults"]
 
 
 class EpochRecord(TypedDict):
@@ -14,8 +14,9 @@ class EpochRecord(TypedDict):
     ``train_loss`` may hold NaN (a task without a labelled sample all epoch), written as
     ``null``. ``keep_probabilities`` and ``gates`` are those drawn at the end of the epoch,
     which decide the next epoch's updates; ``dropped`` lists the tasks whose gate was off
-    during this epoch. ``valid`` maps each task to its metrics, and ``valid_score`` is the
-    model-selection score (higher is better).
+    during this epoch. ``terms`` (each DST term's value per task) and ``loss_weights`` are
+    empty for methods that drop no task. ``valid`` maps each task to its metrics, and
+    ``valid_score`` is the model-selection score (higher is better).
     """
 
     epoch: int
@@ -23,6 +24,8 @@ class EpochRecord(TypedDict):
     keep_probabilities: dict[str, float]
     gates: dict[str, bool]
     dropped: list[str]
+    terms: dict[str, dict[str, float]]
+    loss_weights: dict[str, float]
     valid: dict[str, dict[str, float]]
     valid_loss: dict[str, float]
     valid_score: float
@@ -51,11 +54,52 @@ class RunResult(TypedDict):
     peak_memory_bytes: int | None
 
 
+class Hardware(TypedDict):
+    """What a session ran on: the device, its name, the host's CPU and the GPUs it saw."""
+
+    device: str
+    device_name: str
+    cpu: str
+    gpus: int
+
+
+class Session(TypedDict):
+    """One start of a study, the first or a resume.
+
+    ``launcher`` is how the processes were started (``["python"]``, or torchrun with its
+    process count), ``world_size`` the number of processes and ``effective_batch_size`` the
+    batch of one optimizer step over all of them. ``load_at_start`` and ``load_at_end`` are
+    the host's 1, 5 and 15-minute load averages (``None`` where the system has none, and at
+    the end of a session that did not finish): wall times are only comparable under the
+    same load.
+    """
+
+    started: str
+    finished: str | None
+    argv: list[str]
+    launcher: list[str]
+    world_size: int
+    effective_batch_size: int
+    hardware: Hardware
+    load_at_start: list[float] | None
+    load_at_end: list[float] | None
+
+
 class StudyResults(TypedDict):
-    """The whole study: its configuration, the runs by ``"<method>/seed<seed>"`` and the
-    statistics over seeds (see :func:`dstmtl.study.report.statistics`)."""
+    """The whole study.
+
+    ``config`` is the :class:`~dstmtl.study.config.StudyConfig` as JSON; ``info`` the
+    caller's description of the data (shown in the report, not compared on resume);
+    ``environment`` the versions; ``sessions`` every start; ``baselines["majority"]`` each
+    binary task's test accuracy when always predicting the training majority class; ``runs``
+    by ``"<method>/seed<seed>"``; ``statistics`` over seeds (see
+    :func:`dstmtl.study.report.statistics`).
+    """
 
     config: dict[str, Any]
+    info: dict[str, Any]
     environment: dict[str, Any]
+    sessions: list[Session]
+    baselines: dict[str, dict[str, float]]
     runs: dict[str, RunResult]
     statistics: dict[str, Any]
