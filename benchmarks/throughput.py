@@ -1,12 +1,13 @@
 """Training throughput of the CelebA example's input pipeline against its compute bound.
 
 Generates CelebA-format JPEGs at the real 178x218 size with the example's demo generator
-(so no dataset is needed), builds the example's uint8 cache from them, then times the
-example's training step (``DeviceBatches`` -> ``prepare_batch`` -> ResNet18
+(so no dataset is needed), builds the example's batch sources from them
+(``celeba_batches``: the uint8 cache, ``DeviceBatches``, ``prepare_batch``), then times the
+study's training step (:class:`dstmtl.study.methods.Method` "dst": channels_last ResNet18
 ``MultiHeadNet`` with 8 binary heads -> ``MaskedMultiTaskLoss`` -> ``TaskDropScheduler`` ->
-Adam; bf16 autocast on CUDA, channels_last) twice, interleaved: fed by the pipeline, and
-fed one fixed uint8 batch already on the device (the compute bound: same model, step,
-resolution and batch, no data movement). Also reports the one-time cache build, the
+Adam) twice, interleaved: fed by the training source, and fed one fixed batch already
+prepared on the device (the compute bound: same model, step, resolution and batch, no data
+movement). Also reports the one-time cache build, the
 evaluation rate, the peak GPU memory, and the study time these rates imply.
 
     PYTHONPATH=src python benchmarks/throughput.py --device cuda
@@ -24,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +40,17 @@ from _timing import (
     with_overrides,
 )
 from arguments import non_negative_int, positive_int
-from celeba_files import DEFAULT_ATTRIBUTES, SPLIT_NAMES, load_splits, locate
+from celeba_batches import celeba_batches
+from celeba_files import DEFAULT_ATTRIBUTES, load_splits, locate
+from celeba_study import build_model
 from demo_data import generate_demo_celeba
-from image_cache import DeviceBatches, build_cache, fits_on_device
-from study import Settings, Trainer, evaluate
+from image_cache import prepare_batch
 from torch import Tensor
 
-from dstmtl import MultiHeadNet
+from dstmtl import MaskedMultiTaskLoss
+from dstmtl.study import StudyTask
+from dstmtl.study.evaluation import evaluate
+from dstmtl.study.methods import Method
 
 # The official CelebA splits and the study's schedule (2 methods x 5 epochs, a validation
 # pass after every epoch and one test pass per method), for the study-time estimate.
@@ -144,94 +149,73 @@ def _benchmark(
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    caches = {
-        name: build_cache(
-            splits[name].image_paths(files.image_dir),
-            cache_dir,
-            crop=_CROP,
-            image_size=settings.image_size,
-            workers=args.workers,
-            progress=False,
-        )
-        for name in SPLIT_NAMES
-    }
+    sources = celeba_batches(
+        splits,
+        files.image_dir,
+        crop=_CROP,
+        image_size=settings.image_size,
+        batch_size=settings.batch_size,
+        device=device,
+        cache_dir=cache_dir,
+        workers=args.workers,
+        progress=False,
+    )
     build_s = time.perf_counter() - started
     build_rate = settings.images / build_s
     print(
         f"cache build: {settings.images} images in {build_s:.1f} s ({build_rate:.0f} img/s); "
         f"all {_CELEBA_IMAGES:,} CelebA images at this rate: {_CELEBA_IMAGES / build_rate:.0f} s"
     )
-
-    train, valid = caches["train"], caches["valid"]
-    preload = fits_on_device(train.nbytes + valid.nbytes, device)
-    train_batches = DeviceBatches(
-        train,
-        splits["train"].labels,
-        batch_size=settings.batch_size,
-        device=device,
-        shuffle=True,
-        # Full batches only: a short last batch would add a shape (and, compiled, a
-        # recompilation) that the steady state of a 636-step CelebA epoch never sees.
-        drop_last=True,
-        preload=preload,
-    )
-    valid_batches = DeviceBatches(
-        valid,
-        splits["valid"].labels,
-        batch_size=settings.batch_size,
-        device=device,
-        shuffle=False,
-        preload=preload,
-    )
-    if len(train_batches) == 0:
+    if len(splits["train"]) < settings.batch_size:
         raise SystemExit(
             f"error: {len(splits['train'])} training images make no batch of "
             f"{settings.batch_size}; generate more with --images"
         )
 
-    trainer = Trainer(
+    torch.manual_seed(0)
+    model = build_model(DEFAULT_ATTRIBUTES, None).to(device)
+    network = torch.compile(model) if args.compile else model
+    loss_fn = MaskedMultiTaskLoss(dict.fromkeys(DEFAULT_ATTRIBUTES, "binary"))
+    method = Method(
         "dst",
-        lambda: MultiHeadNet.from_torchvision("resnet18", DEFAULT_ATTRIBUTES, weights=None),
-        splits["train"].labels,
-        Settings(
-            epochs=1,
-            learning_rate=1e-3,
-            seed=0,
-            device=device,
-            compile=args.compile,
-            progress=False,
-            rank=0,
-            world_size=1,
-            checkpoint_dir=Path(tempfile.gettempdir()),
-        ),
-    )
-    flips = torch.Generator(device).manual_seed(0)
-    pipeline = _endless(train_batches, trainer.method.end_epoch)
+        model,
+        loss_fn,
+        learning_rate=1e-3,
+        seed=0,
+        train_labels=torch.from_numpy(splits["train"].labels),
+        network=network,  # type: ignore[arg-type]
+    ).to(device)
+    pipeline = _endless(sources["train"], settings.batch_size, method.end_epoch)
     generator = torch.Generator(device).manual_seed(1)
     size = settings.image_size
-    fixed_images = torch.randint(
-        0,
-        256,
-        (settings.batch_size, 3, size, size),
-        dtype=torch.uint8,
+    fixed_images = prepare_batch(
+        torch.randint(
+            0,
+            256,
+            (settings.batch_size, 3, size, size),
+            dtype=torch.uint8,
+            generator=generator,
+            device=device,
+        ),
+        train=True,
         generator=generator,
-        device=device,
     )
     fixed_labels = torch.randint(
         0, 2, (settings.batch_size, len(DEFAULT_ATTRIBUTES)), generator=generator, device=device
     ).float()
+    tasks = dict.fromkeys(DEFAULT_ATTRIBUTES, StudyTask("binary"))
 
     def from_pipeline() -> None:
-        trainer.step(*next(pipeline), flips)
+        method.step(*next(pipeline))
 
     def from_device() -> None:
-        trainer.step(fixed_images, fixed_labels, flips)
+        method.step(fixed_images, fixed_labels)
 
     def evaluation_seconds() -> float:
         synchronize(device)
         started = time.perf_counter()
-        evaluate(trainer, valid_batches)  # ends by reading the counts back, as the study does
-        trainer.model.train()
+        # Ends by reading the metrics back, as the study does.
+        evaluate(model, sources["valid"](epoch=0, seed=0), tasks, loss_fn)
         return time.perf_counter() - started
 
     try:
@@ -262,10 +246,9 @@ def _benchmark(
     )
     print(f"evaluation:         {eval_rate:8.1f} img/s  ({len(splits['valid'])} images per pass)")
     if cuda:
-        cached_gib = (train.nbytes + valid.nbytes) / 2**30 if preload else 0.0
         print(
             f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
-            f"(of which {cached_gib:.2f} GiB preloaded images)"
+            "(with the preloaded images, when they fit)"
         )
     study_s = _study_seconds(pipeline_rate, eval_rate)
     print(
@@ -283,12 +266,22 @@ def _benchmark(
 
 
 def _endless(
-    batches: DeviceBatches, end_epoch: Callable[[], None]
+    source: Callable[..., Iterable[tuple[Tensor, Tensor]]],
+    batch_size: int,
+    end_epoch: Callable[[], None],
 ) -> Generator[tuple[Tensor, Tensor], None, None]:
-    """Training batches epoch after epoch, ending each epoch as the study does."""
+    """Training batches epoch after epoch, ending each epoch as the study does.
+
+    Full batches only: a short last batch would add a shape (and, compiled, a
+    recompilation) that the steady state of a 636-step CelebA epoch never sees.
+    """
+    epoch = 0
     while True:
-        yield from batches
+        for inputs, targets in source(epoch=epoch, seed=0):
+            if len(inputs) == batch_size:
+                yield inputs, targets
         end_epoch()
+        epoch += 1
 
 
 def _demo_data(root: Path, images: int) -> float | None:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from dstmtl import MaskedMultiTaskLoss, MultiHeadNet, TaskDropScheduler
 from dstmtl.metrics import Constant, TaskIncompleteness
+from dstmtl.study.methods import Method
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -42,14 +43,6 @@ _TASKS = ("male", "smiling", "young", "eyeglasses")
 _BATCH, _SIZE = 16, 32
 
 Step = Callable[[Tensor, Tensor], None]
-
-
-@pytest.fixture
-def image_cache() -> ModuleType:
-    # Imported here, not at the top, so that a machine without the example's extras
-    # (tqdm, Pillow) still runs the library's tests and skips only these.
-    module: ModuleType = pytest.importorskip("image_cache")
-    return module
 
 
 @contextmanager
@@ -154,50 +147,39 @@ def test_first_scheduler_call_does_not_synchronise() -> None:
 
 
 @pytest.fixture
-def study() -> ModuleType:
-    module: ModuleType = pytest.importorskip("study")
+def celeba_batches() -> ModuleType:
+    module: ModuleType = pytest.importorskip("celeba_batches")
     return module
 
 
 @pytest.mark.parametrize("preload", [True, False], ids=["preloaded", "host"])
 @pytest.mark.parametrize("method", ["equal", "dst"])
 def test_the_studys_epoch_does_not_synchronise(
-    image_cache: ModuleType, study: ModuleType, preload: bool, method: str, tmp_path: Path
+    celeba_batches: ModuleType, preload: bool, method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The example's own step (study.Trainer) over DeviceBatches, as run_method drives it."""
+    """The example's training source (uint8 cache -> prepared batches on the device) and
+    the method's own step, as the harness drives them."""
     device = _device()
     images, labels = _uint8_dataset(40)
-    batches = image_cache.DeviceBatches(
-        images, labels, batch_size=8, device=device, shuffle=True, preload=preload
-    )
-    settings = study.Settings(
-        epochs=1,
-        learning_rate=1e-3,
-        seed=0,
-        device=device,
-        compile=False,
-        progress=False,
-        rank=0,
-        world_size=1,
-        checkpoint_dir=tmp_path,
-    )
-    trainer = study.Trainer(
-        method,
-        lambda: MultiHeadNet.from_torchvision("resnet18", _TASKS, weights=None),
-        labels,
-        settings,
-    )
-    scheduler = trainer.method.scheduler
-    scheduler.step([1.0, 1.0, 1.0, 1.0])  # two made-up epochs: DST's gates are real draws
-    scheduler.step([0.2, 0.5, 0.8, 1.0])
-    flips = torch.Generator(device).manual_seed(0)
+    monkeypatch.setattr(celeba_batches, "fits_on_device", lambda nbytes, device: preload)
+    source = celeba_batches._CachedSource(images, labels, 8, device, True)
+    model = _model(device)
+    assert isinstance(model, MultiHeadNet)
+    loss_fn = MaskedMultiTaskLoss(dict.fromkeys(_TASKS, "binary"))
+    trained = Method(
+        method, model, loss_fn, learning_rate=1e-3, seed=0, train_labels=torch.from_numpy(labels)
+    ).to(device)
+    if method == "dst":  # two made-up epochs: DST's gates are real draws
+        trained.scheduler.step([1.0, 1.0, 1.0, 1.0])
+        trained.scheduler.step([0.2, 0.5, 0.8, 1.0])
     # A first step outside the check: besides the lazy set-up, prepare_batch's first call
     # on a device copies its normalisation constants there with a blocking .to(), once.
-    trainer.step(*next(iter(batches)), flips)
+    trained.step(*next(iter(source(epoch=0, seed=0))))
+    batches = source(epoch=1, seed=0)
     seen = 0
     with _sync_is_an_error():
-        for uint8_images, batch_labels in batches:
-            trainer.step(uint8_images, batch_labels, flips)
+        for inputs, targets in batches:
+            trained.step(inputs, targets)
             seen += 1
     assert seen == len(batches)
 

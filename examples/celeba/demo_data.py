@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 from celeba_files import ATTRIBUTE_NAMES, CelebAError
-from parallel import run_chunks
+from celeba_workers import run_chunks
 from PIL import Image, ImageDraw
 
 from dstmtl.study._atomic import write_bytes

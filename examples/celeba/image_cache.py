@@ -29,7 +29,7 @@ import numpy.typing as npt
 import torch
 import torchvision.transforms.v2.functional as TF
 from celeba_files import CelebAError
-from parallel import run_chunks
+from celeba_workers import run_chunks
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
@@ -168,7 +168,7 @@ def _open_cache(
 
 
 def _fill(
-    cache_file: Path,
+    cache_file: Path | None,
     paths: list[str],
     crop: int,
     image_size: int,
@@ -179,17 +179,47 @@ def _fill(
     chunks = [
         (start, paths[start : start + _CHUNK_SIZE]) for start in range(0, len(paths), _CHUNK_SIZE)
     ]
-    decode = functools.partial(_decode_chunk, str(cache_file), crop, image_size)
+    target = None if cache_file is None else str(cache_file)
+    decode = functools.partial(_decode_chunk, target, crop, image_size)
     run_chunks(decode, chunks, total=len(paths), workers=workers, desc=desc, progress=show_progress)
 
 
-def _decode_chunk(cache_file: str, crop: int, image_size: int, chunk: tuple[int, list[str]]) -> int:
+def _decode_chunk(
+    cache_file: str | None, crop: int, image_size: int, chunk: tuple[int, list[str]]
+) -> int:
+    """Decode a chunk of images into rows ``start...`` of the cache, or only decode them
+    (``cache_file=None``) to find a broken one."""
     start, paths = chunk
-    array = np.load(cache_file, mmap_mode="r+")
+    array = None if cache_file is None else np.load(cache_file, mmap_mode="r+")
     for offset, path in enumerate(paths):
-        array[start + offset] = decode_image(Path(path), crop=crop, image_size=image_size).numpy()
-    array.flush()
+        image = decode_image(Path(path), crop=crop, image_size=image_size)
+        if array is not None:
+            array[start + offset] = image.numpy()
+    if array is not None:
+        array.flush()
     return len(paths)
+
+
+def check_images(
+    paths: Sequence[Path],
+    *,
+    crop: int,
+    image_size: int,
+    workers: int | None = None,
+    desc: str = "Checking images",
+    progress: bool = True,
+) -> None:
+    """Decode every image as :func:`build_cache` does, keeping nothing: a missing,
+    truncated or undecodable JPEG (or one smaller than ``crop``) raises the
+    :class:`CelebAError` the cache build would raise, before any training.
+
+    For the path without a cache, which would otherwise find a broken image only when an
+    epoch reads it, after the study was recorded.
+    """
+    if not paths:
+        raise CelebAError(f"No images to check for {desc!r}: the split is empty.")
+    _stat_images(paths)
+    _fill(None, [str(path) for path in paths], crop, image_size, workers, desc, progress)
 
 
 class DeviceBatches:

@@ -9,6 +9,7 @@ See docs/celeba.md for the data, every option and every output.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -20,7 +21,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Parsed before torch and the rest are imported: --help and bad options answer at once.
     args = parser().parse_args(arguments)
     try:
-        import pipeline
+        import celeba_study
+
+        # The report draws with matplotlib only at the end: find a missing one now.
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ModuleNotFoundError(name="matplotlib")
     except ModuleNotFoundError as error:
         # The runtime install has neither the example's extras nor, without -e, this
         # checkout's library: name the install step instead of showing a traceback.
@@ -33,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    return pipeline.run(args, arguments)
+    return celeba_study.run(args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -19,7 +20,13 @@ import torchvision.transforms.v2.functional as TF
 from celeba_files import DEFAULT_ATTRIBUTES, CelebAError, load_splits, locate
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from image_cache import DeviceBatches, ImageFolderDataset, build_cache, prepare_batch
+from image_cache import (
+    DeviceBatches,
+    ImageFolderDataset,
+    build_cache,
+    check_images,
+    prepare_batch,
+)
 from torch.utils.data import DataLoader
 from torchvision.io import decode_jpeg, read_file
 
@@ -109,8 +116,13 @@ def test_parallel_build_equals_serial_build(
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_truncated_jpeg_stops_the_build(
-    demo_paths: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+@pytest.mark.parametrize("build", [True, False], ids=["build", "check"])
+def test_truncated_jpeg_stops_the_build_and_the_check(
+    demo_paths: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: int,
+    build: bool,
 ) -> None:
     # Small chunks so that with two workers the error comes back from the pool.
     monkeypatch.setattr(image_cache, "_CHUNK_SIZE", 2)
@@ -123,11 +135,28 @@ def test_truncated_jpeg_stops_the_build(
     broken = paths[4]
     broken.write_bytes(broken.read_bytes()[:500])
     cache_dir = tmp_path / "cache"
+    decode = (
+        functools.partial(build_cache, paths, cache_dir)
+        if build
+        else functools.partial(check_images, paths, progress=False)
+    )
     with pytest.raises(CelebAError, match="truncated") as caught:
-        build_cache(paths, cache_dir, crop=CROP, image_size=SIZE, workers=workers)
+        decode(crop=CROP, image_size=SIZE, workers=workers)
     assert str(broken) in str(caught.value)
     # Nothing is left that a later run could mistake for a finished cache.
-    assert list(cache_dir.iterdir()) == []
+    assert not cache_dir.exists() or list(cache_dir.iterdir()) == []
+    assert {path.name for path in tmp_path.iterdir()} <= {"images", "cache"}
+
+
+def test_check_images_passes_whole_images_and_names_missing_ones(
+    demo_paths: list[Path], tmp_path: Path
+) -> None:
+    check_images(demo_paths[:4], crop=CROP, image_size=SIZE, workers=1, progress=False)
+    missing = tmp_path / "999999.jpg"
+    with pytest.raises(CelebAError, match=f"1 of 3 images are missing, e.g. {missing}"):
+        check_images([*demo_paths[:2], missing], crop=CROP, image_size=SIZE, workers=1)
+    with pytest.raises(CelebAError, match="at most 178 pixels"):
+        check_images(demo_paths[:1], crop=200, image_size=SIZE, workers=1, progress=False)
 
 
 def test_missing_image_names_the_file(demo_paths: list[Path], tmp_path: Path) -> None:

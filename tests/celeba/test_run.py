@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
 
 import arguments
+import celeba_batches
+import celeba_config
 import celeba_files
-import pipeline
+import celeba_study
 import pytest
 import run
-import study
 import torch
 import torch.distributed as dist
 import torchvision
@@ -24,12 +25,19 @@ from torch.multiprocessing.spawn import spawn
 
 from dstmtl import FusedLinearHead, MultiHeadNet
 
-TINY = ["--epochs", "2", "--batch-size", "16", "--image-size", "32", "--no-progress"]
+TINY = ["--epochs", "2", "--batch-size", "16", "--image-size", "16", "--no-progress"]
 PNG = b"\x89PNG\r\n\x1a\n"
+RUNS = ["equal/seed0", "dst/seed0"]
 
 
 def tiny_demo(out: Path, *extra: str) -> list[str]:
-    return ["--demo", "--demo-images", "120", "--out", str(out), *TINY, *extra]
+    return ["--demo", "--demo-images", "60", "--out", str(out), *TINY, *extra]
+
+
+def on_root(root: Path, out: Path, *extra: str) -> list[str]:
+    """A study of the CelebA copy ``root`` (the 120-image stand-in), one method, from scratch."""
+    argv = ["--root", str(root), "--out", str(out), "--weights", "none", "--methods", "equal"]
+    return [*argv, *TINY, "--epochs", "1", *extra]
 
 
 def without_timings(value: Any) -> Any:
@@ -45,6 +53,16 @@ def without_timings(value: Any) -> Any:
     return value
 
 
+def metrics(out: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((out / "metrics.json").read_text())
+    return loaded
+
+
+def sessions(out: Path) -> list[dict[str, Any]]:
+    loaded = json.loads((out / "sessions.json").read_text())
+    return list(loaded["sessions"] if isinstance(loaded, dict) else loaded)
+
+
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("study") / "demo"
@@ -54,41 +72,47 @@ def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_demo_study_writes_every_output(finished_study: Path) -> None:
-    results = json.loads((finished_study / "metrics.json").read_text())
-    tasks = results["study"]["attributes"]
-    assert len(tasks) == 8
-    assert list(results["runs"]) == ["equal", "dst"]
+    results = metrics(finished_study)
+    tasks = list(results["config"]["tasks"])
+    assert tasks == list(celeba_files.DEFAULT_ATTRIBUTES)
+    assert list(results["runs"]) == RUNS
     for name, entry in results["runs"].items():
-        assert entry["method"] == name
+        assert f"{entry['method']}/seed{entry['seed']}" == name
         assert len(entry["epochs"]) == 3
-        test = entry["test"]
-        for score in ("accuracy", "balanced_accuracy", "f1"):
-            assert set(test[score]) == set(tasks)
-            assert all(0.0 <= value <= 1.0 for value in test[score].values())
-        assert test["mean_accuracy"] == pytest.approx(sum(test["accuracy"].values()) / 8)
+        assert set(entry["test"]) == set(tasks)
+        for scores in entry["test"].values():
+            assert set(scores) == {"accuracy", "balanced_accuracy", "f1"}
+            assert all(0.0 <= value <= 1.0 for value in scores.values())
         assert 0 <= entry["selected_epoch"] < 3
-    dst_epoch = results["runs"]["dst"]["epochs"][1]
+    dst_epoch = results["runs"]["dst/seed0"]["epochs"][1]
     assert set(dst_epoch["terms"]) == {"task_incompleteness"}
     assert all(0.0 <= p <= 1.0 for p in dst_epoch["keep_probabilities"].values())
-    assert results["study"]["command"]
-    assert results["study"]["dstmtl_version"]
+    # What decides the numbers is in the config, the description in info.
+    extra = results["config"]["extra"]
+    assert extra["image_size"] == 16
+    assert extra["crop"] == 178
+    assert extra["weights"] is None
+    assert set(extra["data_fingerprint"]) == {"list_attr_celeba.txt", "list_eval_partition.txt"}
+    info = results["info"]
+    assert info["network_depth"] == dict.fromkeys(tasks, 18)
+    assert set(info["positive_rate"]) == {"train", "valid", "test"}
+    assert info["images"] == {"train": 42, "valid": 9, "test": 9}
+    assert len(sessions(finished_study)) == 1
 
     report = (finished_study / "results.md").read_text()
     for task in tasks:
         assert task in report
     pngs = sorted(finished_study.glob("*.png"))
-    assert {p.name for p in pngs} >= {
-        "accuracy.png",
-        "training_loss_equal.png",
-        "training_loss_dst.png",
-    }
+    assert pngs
     assert all(p.read_bytes().startswith(PNG) for p in pngs)
+    assert not (finished_study / "demo_data").exists()  # the data lives in the cache folder
 
 
 def test_checkpoints_load_with_weights_only(finished_study: Path) -> None:
-    tasks = json.loads((finished_study / "metrics.json").read_text())["study"]["attributes"]
-    for method in ("equal", "dst"):
-        state = torch.load(finished_study / "checkpoints" / f"{method}.pt", weights_only=True)
+    tasks = list(metrics(finished_study)["config"]["tasks"])
+    for run_name in RUNS:
+        method = run_name.split("/")[0]
+        state = torch.load(finished_study / "checkpoints" / f"{method}-seed0.pt", weights_only=True)
         assert set(state) == {"result", "model"}
         assert state["result"]["method"] == method
         model = MultiHeadNet.from_torchvision("resnet18", tasks)
@@ -106,49 +130,63 @@ def test_resumed_study_equals_an_uninterrupted_one(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    saves = 0
-    original = study.save_checkpoint
+    original = celeba_study.celeba_batches
+    last_epochs = 0
 
-    def crash_in_dst_after_its_gates(
-        path: Path, state: dict[str, Any], settings: study.Settings
-    ) -> None:
-        nonlocal saves
-        original(path, state, settings)
-        saves += 1
-        if saves == 6:  # equal: 3 epochs + its result; dst: 2 epochs, gates drawn
-            raise KeyboardInterrupt
+    def interrupted_in_dsts_last_epoch(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        sources = original(*args, **kwargs)
+        train = sources["train"]
+
+        def source(*, epoch: int, seed: int, **shard: int) -> Iterable[Any]:
+            nonlocal last_epochs
+            if epoch == 2:
+                last_epochs += 1
+                if last_epochs == 2:  # equal has finished; dst has drawn its gates
+                    raise KeyboardInterrupt
+            batches: Iterable[Any] = train(epoch=epoch, seed=seed, **shard)
+            return batches
+
+        return {**sources, "train": source}
 
     # Started without --out, as a user would: the study picks its folder under ./runs.
     monkeypatch.chdir(tmp_path)
-    argv = ["--demo", "--demo-images", "120", *TINY, "--epochs", "3"]
-    monkeypatch.setattr(study, "save_checkpoint", crash_in_dst_after_its_gates)
+    argv = ["--demo", "--demo-images", "60", *TINY, "--epochs", "3"]
+    monkeypatch.setattr(celeba_study, "celeba_batches", interrupted_in_dsts_last_epoch)
     assert run.main(argv) == 130
-    assert saves == 6
-    monkeypatch.setattr(study, "save_checkpoint", original)
+    monkeypatch.setattr(celeba_study, "celeba_batches", original)
     (out,) = (tmp_path / "runs").iterdir()
     resume_hint = f"run the same command with --resume --out {out.relative_to(tmp_path)}"
     assert resume_hint in capsys.readouterr().err
-    interrupted = torch.load(out / "checkpoints" / "dst.pt", weights_only=True)
+    interrupted = torch.load(out / "checkpoints" / "dst-seed0.pt", weights_only=True)
+    assert len(interrupted["history"]) == 2
     assert not all(interrupted["history"][-1]["gates"].values())  # a task was dropped
     assert run.main([*argv, "--resume", "--out", str(out)]) == 0
 
-    resumed = json.loads((out / "metrics.json").read_text())
-    uninterrupted = json.loads((finished_study / "metrics.json").read_text())
-    assert without_timings(resumed["runs"]) == without_timings(uninterrupted["runs"])
+    resumed = metrics(out)
+    assert without_timings(resumed["runs"]) == without_timings(metrics(finished_study)["runs"])
     # The record keeps the first start and lists the resume.
-    assert "--resume" not in resumed["study"]["argv"]
-    assert [session["argv"][-3:] for session in resumed["study"]["resumed"]] == [
-        ["--resume", "--out", str(out)]
-    ]
-    assert resumed["study"]["started"] <= resumed["study"]["resumed"][0]["started"]
+    assert len(sessions(out)) == 2
+
+
+def test_options_that_do_not_change_the_numbers_may_change_on_resume(
+    finished_study: Path, tmp_path: Path
+) -> None:
+    resumed = tmp_path / "resumed"
+    shutil.copytree(finished_study, resumed)
+    changed = ["--workers", "1", "--cache-dir", str(tmp_path / "other"), "--device", "cpu"]
+    # Another cache folder: the demo data is generated there again, the same files.
+    assert run.main(tiny_demo(resumed, "--epochs", "3", "--resume", *changed)) == 0
+    before = without_timings(metrics(finished_study)["runs"])
+    assert without_timings(metrics(resumed)["runs"]) == before
 
 
 def test_all_five_terms_as_an_extra_run(tmp_path: Path) -> None:
     out = tmp_path / "all"
-    assert run.main(tiny_demo(out, "--methods", "dst", "--dst-metrics", "all")) == 0
-    results = json.loads((out / "metrics.json").read_text())
-    assert list(results["runs"]) == ["dst", "dst-all"]
-    terms = results["runs"]["dst-all"]["epochs"][1]["terms"]
+    argv = tiny_demo(out, "--methods", "dst", "--dst-metrics", "all", "--epochs", "3")
+    assert run.main(argv) == 0
+    results = metrics(out)
+    assert list(results["runs"]) == ["dst/seed0", "dst-all/seed0"]
+    terms = results["runs"]["dst-all/seed0"]["epochs"][1]["terms"]
     assert set(terms) == {
         "network_depth",
         "label_count",
@@ -157,20 +195,128 @@ def test_all_five_terms_as_an_extra_run(tmp_path: Path) -> None:
         "constant",
     }
     assert set(terms["network_depth"].values()) == {1.0}  # every head on the same backbone
-    probabilities = results["runs"]["dst-all"]["epochs"][1]["keep_probabilities"]
+    probabilities = results["runs"]["dst-all/seed0"]["epochs"][1]["keep_probabilities"]
     assert all(p >= 0.2 - 1e-9 for p in probabilities.values())
+
+
+def test_methods_compared_in_one_harness(tmp_path: Path) -> None:
+    pytest.importorskip("torchjd")
+    out = tmp_path / "compare"
+    methods = ["equal", "dst", "uw", "famo", "dst+upgrad"]
+    assert run.main(tiny_demo(out, "--methods", ",".join(methods), "--epochs", "3")) == 0
+    results = metrics(out)
+    assert list(results["runs"]) == [f"{name}/seed0" for name in methods]
+    # Same seed, data order and model: the first epoch of equal and dst is the same run.
+    first = {name: run_["epochs"][0]["train_loss"] for name, run_ in results["runs"].items()}
+    assert first["dst/seed0"] == first["equal/seed0"]
+    # DST drew gates after its warm-up; the plain methods record no terms.
+    assert results["runs"]["dst+upgrad/seed0"]["epochs"][1]["terms"]
+    assert results["runs"]["uw/seed0"]["epochs"][1]["terms"] == {}
+    report = (out / "results.md").read_text()
+    for name in methods:
+        assert f"| {name} " in report
+
+
+def test_seeds_run_every_method_with_each_seed(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    argv = ["--root", str(demo_root), "--out", str(out), "--weights", "none", *TINY]
+    fails([*argv, "--seeds", "a,b"], capsys, "--seeds", "do not parse")
+    assert run.main([*argv, "--seeds", "2", "--epochs", "1"]) == 0
+    results = metrics(out)
+    assert list(results["runs"]) == ["equal/seed0", "dst/seed0", "equal/seed1", "dst/seed1"]
+    assert results["config"]["seeds"] == [0, 1]
+    first = {name: run_["epochs"][0]["train_loss"] for name, run_ in results["runs"].items()}
+    assert first["dst/seed0"] == first["equal/seed0"]  # same seed: same weights and data
+    assert first["equal/seed1"] != first["equal/seed0"]
+
+
+def test_each_epoch_prints_a_line_without_progress_bars(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run.main(on_root(demo_root, tmp_path / "o", "--epochs", "2")) == 0
+    printed = capsys.readouterr().out
+    for epoch in (1, 2):
+        assert f"epoch {epoch}/2" in printed
+    assert printed.count("train loss") == 2
+    assert f"Results: {tmp_path / 'o' / 'results.md'}" in printed
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def settings(*argv: str) -> celeba_config.CelebARun:
+    return celeba_config.CelebARun.from_args(arguments.parser().parse_args(list(argv)))
+
+
+def test_the_protocol_gives_the_defaults_and_options_override_them() -> None:
+    study = celeba_config.protocol("study")
+    full = settings("--root", "/data/celeba")
+    assert full.protocol == study
+    assert full.attributes == celeba_files.DEFAULT_ATTRIBUTES == study.attributes
+    assert full.methods == study.methods == ("equal", "dst")
+    assert (full.epochs, full.batch_size, full.image_size) == (5, 256, 128)
+    assert (full.learning_rate, full.weights, full.seeds) == (1e-3, "DEFAULT", (0,))
+    given = settings("--root", "r", "--epochs", "7", "--lr", "0.01", "--attributes", "young")
+    assert (given.epochs, given.learning_rate, given.attributes) == (7, 0.01, ("Young",))
+    demo = settings("--demo")
+    assert (demo.epochs, demo.batch_size, demo.image_size, demo.weights) == (5, 32, 64, None)
+    assert demo.data_root.parent == demo.cache_dir
+    assert settings("--demo", "--image-size", "16").image_size == 16
+
+
+def test_the_study_config_holds_what_decides_the_numbers_and_only_that() -> None:
+    run_a = settings("--root", "r", "--seeds", "0,4", "--methods", "dst,equal")
+    config = run_a.study_config({"list_attr_celeba.txt": "abc"})
+    assert config.seeds == (0, 4)
+    assert config.reference == "dst"  # the first method, as the report lists it
+    assert set(config.tasks) == set(celeba_files.DEFAULT_ATTRIBUTES)
+    assert config.extra["data_fingerprint"] == {"list_attr_celeba.txt": "abc"}
+    # The device, the workers, the cache folder and the bars change nothing in the config.
+    run_b = settings(
+        "--root", "r", "--seeds", "0,4", "--methods", "dst,equal", "--device", "cpu",
+        "--workers", "3", "--cache-dir", "elsewhere", "--no-progress", "--compile",
+    )  # fmt: skip
+    assert run_b.study_config({"list_attr_celeba.txt": "abc"}) == config
+    assert settings("--root", "r", "--no-cache").study_config({}).extra["input"] == "jpeg"
+
+
+@pytest.mark.parametrize("protocol", arguments.PROTOCOL_NAMES)
+def test_the_default_epochs_leave_dst_epochs_to_drop_in(protocol: str) -> None:
+    # DST's first draw is made at the end of epoch 1 and acts from epoch 2 on.
+    for epochs in (
+        settings("--root", "r", "--protocol", protocol).epochs,
+        celeba_config.DEMO.epochs,
+    ):
+        assert epochs - 2 >= 3
+
+
+def test_the_dst_metric_names_are_dstmtls_terms() -> None:
+    from dstmtl.study.methods import DST_TERMS
+
+    assert arguments.DST_METRICS == DST_TERMS
+    assert celeba_config.dst_method("labels, constant") == "dst-labels+constant"
+    assert celeba_config.dst_method("all") == "dst-all"
+    assert settings("--root", "r", "--dst-metrics", "depth").methods == (
+        "equal",
+        "dst",
+        "dst-depth",
+    )
 
 
 # ---------------------------------------------------------------------------- bad input
 
 
-def fails(argv: list[str], capsys: pytest.CaptureFixture[str], *patterns: str) -> None:
+def fails(argv: list[str], capsys: pytest.CaptureFixture[str], *patterns: str) -> str:
     assert run.main(argv) == 2
     message = capsys.readouterr().err
     assert message.startswith("error: ")
     assert "Traceback" not in message
+    assert len(message.strip().splitlines()) == 1 or "accepted layouts" in message.lower(), message
     for pattern in patterns:
         assert pattern in message, (pattern, message)
+    return message
 
 
 @pytest.mark.parametrize(
@@ -182,6 +328,7 @@ def fails(argv: list[str], capsys: pytest.CaptureFixture[str], *patterns: str) -
         ("--lr", "-1", "must be a finite number above 0, got -1"),
         ("--lr", "nan", "must be a finite number above 0, got nan"),
         ("--terms-epoch", "-1", "must be 0 or more, got -1"),
+        ("--protocol", "famo", "invalid choice: 'famo'"),
     ],
 )
 def test_bad_numbers_are_refused_before_any_work(
@@ -200,141 +347,40 @@ def test_resume_needs_the_study_folder(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_missing_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fails(["--out", str(tmp_path / "o"), *TINY], capsys, "--root")
-    fails(
-        ["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"), *TINY],
-        capsys,
-        "nowhere",
-    )
+    fails(on_root(tmp_path / "nowhere", tmp_path / "p"), capsys, "nowhere")
 
 
 def test_missing_files_name_the_file_and_the_layouts(
     demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = demo_copy
-    (root / "list_eval_partition.txt").unlink()
-    argv = ["--root", str(root), "--out", str(tmp_path / "o"), "--weights", "none", *TINY]
-    fails(argv, capsys, "list_eval_partition.txt", "kaggle")
+    (demo_copy / "list_eval_partition.txt").unlink()
+    fails(on_root(demo_copy, tmp_path / "o"), capsys, "list_eval_partition.txt", "kaggle")
 
 
 def test_unknown_attribute_lists_the_valid_ones(
     demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--root", str(demo_root), "--out", str(tmp_path / "o"), "--attributes", "Male,Smilng"]
+    argv = on_root(demo_root, tmp_path / "o", "--attributes", "Male,Smilng")
     fails(argv, capsys, "Smilng", "Wearing_Necktie")
 
 
 def test_unknown_method_lists_the_valid_ones(
     demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--root", str(demo_root), "--out", str(tmp_path / "o"), "--methods", "equal,gradnorm"]
-    fails(argv, capsys, "gradnorm", "upgrad", "famo")
-
-
-def test_an_out_folder_with_another_study_is_refused(
-    finished_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    fails(tiny_demo(finished_study), capsys, "another study", "--resume", "--overwrite")
-    fails(tiny_demo(tmp_path / "empty", "--resume"), capsys, "no study to resume")
-    changed = tiny_demo(finished_study, "--resume", "--seed", "3")
-    fails(changed, capsys, "seed: was 0, now 3", "--overwrite")
-
-
-def test_overwrite_deletes_only_a_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "list_attr_celeba.txt").write_text("precious")
-    fails(tiny_demo(data, "--overwrite"), capsys, "not a study", "another --out")
-    assert (data / "list_attr_celeba.txt").read_text() == "precious"
-
-
-def test_a_study_of_an_older_format_is_not_resumed(
-    finished_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    older = tmp_path / "older"
-    shutil.copytree(finished_study, older)
-    config = json.loads((older / "study.json").read_text())
-    del config["study_format"]  # as written before the format was recorded
-    (older / "study.json").write_text(json.dumps(config))
-    fails(tiny_demo(older, "--resume", "--epochs", "3"), capsys, "study_format: was None, now 6")
-
-
-def test_missing_weights_say_where_to_put_them(
-    demo_root: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    def offline(*args: object, **kwargs: object) -> None:
-        raise URLError("no network")
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    argv = ["--root", str(demo_root), "--out", str(tmp_path / "o"), *TINY]
-    fails(argv, capsys, str(tmp_path / "torch" / "hub" / "checkpoints"), "--weights none")
-
-
-def test_download_failure_is_explained(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def offline(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("Failed to download (no network)")
-
-    monkeypatch.setattr(torchvision.datasets, "CelebA", offline)
-    argv = ["--root", str(tmp_path / "data"), "--download", "--out", str(tmp_path / "o"), *TINY]
-    fails(argv, capsys, "could not download CelebA", "--root")
-
-
-def test_an_unreadable_jpeg_is_named(
-    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    root = demo_copy
-    broken = root / "img_align_celeba" / "000007.jpg"
-    broken.write_bytes(broken.read_bytes()[:200])
-    argv = ["--root", str(root), "--out", str(tmp_path / "o"), "--weights", "none", *TINY]
-    fails(argv, capsys, "000007.jpg")
-
-
-def test_mismatched_partition_file(
-    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    root = demo_copy
-    partition = root / "list_eval_partition.txt"
-    partition.write_text(partition.read_text().replace("000003.jpg", "999999.jpg"))
-    argv = ["--root", str(root), "--out", str(tmp_path / "o"), "--weights", "none", *TINY]
-    fails(argv, capsys, "999999.jpg")
-
-
-def test_scores_by_hand() -> None:
-    # Task 0: TP 3, FP 1, FN 2, TN 4. Task 1: only negatives, all right.
-    counts = torch.tensor([[3, 0], [1, 0], [2, 0], [4, 6]])
-    scores = study.scores(counts, ("a", "b"))
-    assert scores["accuracy"] == pytest.approx({"a": 0.7, "b": 1.0})
-    assert scores["balanced_accuracy"]["a"] == pytest.approx((3 / 5 + 4 / 5) / 2)
-    assert scores["balanced_accuracy"]["b"] == 1.0  # no positives: the negatives' recall alone
-    assert scores["f1"]["a"] == pytest.approx(6 / 9)
-    assert scores["f1"]["b"] == 0.0
-    assert not math.isnan(scores["mean_f1"])
-
-
-def test_methods_compared_in_one_harness(tmp_path: Path) -> None:
-    out = tmp_path / "compare"
-    methods = "equal,dst,uw,dwa,rlw,famo,dst+upgrad"
-    assert run.main(tiny_demo(out, "--methods", methods)) == 0
-    results = json.loads((out / "metrics.json").read_text())
-    assert list(results["runs"]) == methods.split(",")
-    # Same seed, data order and model: the first epoch of equal and dst is the same run.
-    first = {name: run_["epochs"][0]["train_loss"] for name, run_ in results["runs"].items()}
-    assert first["dst"] == first["equal"]
-    # DST drew gates after its warm-up; the plain methods record no terms.
-    assert results["runs"]["dst+upgrad"]["epochs"][1]["terms"]
-    assert results["runs"]["uw"]["epochs"][1]["terms"] == {}
-    report = (out / "results.md").read_text()
-    comparison = report.split("## Method comparison")[1].split("\n## ")[0]
-    for name in methods.split(","):
-        assert f"| {name} " in comparison
-    assert "mean rank" in comparison
-    assert "wall time" in comparison
-    assert (out / "accuracy.png").read_bytes().startswith(PNG)
+    fails(
+        on_root(demo_root, tmp_path / "o", "--methods", "equal,gradnorm"),
+        capsys,
+        "gradnorm",
+        "upgrad",
+        "famo",
+    )
+    fails(
+        on_root(demo_root, tmp_path / "o", "--dst-metrics", "depth,x"),
+        capsys,
+        "dst-depth+x",
+        "incompleteness",
+    )
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_missing_extra_names_it(
@@ -353,21 +399,240 @@ def test_a_missing_extra_names_it(
         return real_import(name, package)
 
     monkeypatch.setattr(importlib, "import_module", without_torchjd)
-    argv = ["--root", str(demo_root), "--out", str(tmp_path / "o"), "--weights", "none", *TINY]
-    fails([*argv, "--methods", "equal,upgrad"], capsys, "dstmtl[baselines]", "upgrad")
+    argv = on_root(demo_root, tmp_path / "o", "--methods", "equal,upgrad")
+    fails(argv, capsys, "dstmtl[baselines]", "upgrad")
     assert not (tmp_path / "o").exists()  # refused before "equal" trained, not after
 
 
-def test_dst_runs_with_chosen_terms(
-    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_an_out_folder_with_another_study_is_refused(
+    finished_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import methods
+    before = (finished_study / "study.json").read_text()
+    fails(tiny_demo(finished_study, "--epochs", "3"), capsys, str(finished_study))
+    fails(tiny_demo(tmp_path / "empty", "--resume"), capsys, "no study to resume")
+    changed = tiny_demo(finished_study, "--epochs", "3", "--resume", "--lr", "0.5")
+    fails(changed, capsys, "learning_rate: was 0.001, now 0.5")
+    assert (finished_study / "study.json").read_text() == before
 
-    assert methods.parse_methods("equal,dst-depth+stagnancy") == ("equal", "dst-depth+stagnancy")
-    assert methods.dst_method("labels, constant") == "dst-labels+constant"
-    assert methods.dst_method("all") == "dst-all"
-    argv = ["--root", str(demo_root), "--out", str(tmp_path / "o"), "--dst-metrics", "depth,x"]
-    fails(argv, capsys, "dst-depth+x", "incompleteness")
+
+def test_overwrite_replaces_a_study_and_deletes_nothing_else(
+    finished_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "list_attr_celeba.txt").write_text("precious")
+    fails(tiny_demo(data, "--overwrite"), capsys, str(data))
+    assert (data / "list_attr_celeba.txt").read_text() == "precious"
+
+    replaced = tmp_path / "replaced"
+    shutil.copytree(finished_study, replaced)
+    assert run.main(tiny_demo(replaced, "--overwrite", "--methods", "equal", "--epochs", "1")) == 0
+    assert list(metrics(replaced)["runs"]) == ["equal/seed0"]
+    assert sorted(path.name for path in (replaced / "checkpoints").iterdir()) == ["equal-seed0.pt"]
+
+
+def test_a_study_of_another_format_is_not_resumed(
+    finished_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    older = tmp_path / "older"
+    shutil.copytree(finished_study, older)
+    saved = json.loads((older / "study.json").read_text())
+    saved["format"] = 0
+    (older / "study.json").write_text(json.dumps(saved))
+    fails(tiny_demo(older, "--resume", "--epochs", "3"), capsys, "format")
+
+
+def test_missing_weights_say_where_to_put_them(
+    demo_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    argv = ["--root", str(demo_root), "--out", str(tmp_path / "o"), *TINY]
+    fails(argv, capsys, str(tmp_path / "torch" / "hub" / "checkpoints"), "--weights none")
+    assert not (tmp_path / "o").exists()
+
+
+def test_download_failure_is_explained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Failed to download (no network)")
+
+    monkeypatch.setattr(torchvision.datasets, "CelebA", offline)
+    argv = ["--root", str(tmp_path / "data"), "--download", "--out", str(tmp_path / "o"), *TINY]
+    fails(argv, capsys, "could not download CelebA", "--root")
+
+
+def test_mismatched_partition_file(
+    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    partition = demo_copy / "list_eval_partition.txt"
+    partition.write_text(partition.read_text().replace("000003.jpg", "999999.jpg"))
+    fails(on_root(demo_copy, tmp_path / "o"), capsys, "999999.jpg")
+
+
+def test_a_start_stopped_by_missing_data_leaves_no_study(
+    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    partition = demo_copy / "list_eval_partition.txt"
+    partition_text = partition.read_text()
+    partition.unlink()
+    out = tmp_path / "study"
+    argv = on_root(demo_copy, out)
+    fails(argv, capsys, "list_eval_partition.txt")
+    assert not out.exists()
+    fails(on_root(tmp_path / "nowhere", out), capsys, "nowhere")
+    assert not out.exists()
+
+    partition.write_text(partition_text)
+    # The same command, once the data is fixed: not refused as "another study".
+    assert run.main(argv) == 0
+    assert len(sessions(out)) == 1
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
+def test_a_start_stopped_by_a_broken_image_leaves_no_study(
+    cache: bool, demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = celeba_files.locate(demo_copy)
+    test_split = celeba_files.load_splits(files, celeba_files.DEFAULT_ATTRIBUTES)["test"]
+    # The last image of the last split: the check must reach it before the study starts.
+    image = test_split.image_paths(files.image_dir)[-1]
+    original = image.read_bytes()
+    image.write_bytes(original[:300])  # truncated
+    out = tmp_path / "study"
+    argv = on_root(demo_copy, out, "--cache-dir", str(tmp_path / "cache"), "--workers", "0")
+    argv += [] if cache else ["--no-cache"]
+    message = fails(argv, capsys, f"Cannot decode image {image}")
+    assert "worker" not in message
+    assert not out.exists()
+    image.write_bytes(original)
+    assert run.main(argv) == 0
+    assert len(sessions(out)) == 1
+
+
+def test_a_missing_image_is_named_before_any_decoding(
+    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = celeba_files.locate(demo_copy)
+    valid = celeba_files.load_splits(files, celeba_files.DEFAULT_ATTRIBUTES)["valid"]
+    missing = valid.image_paths(files.image_dir)[0]
+    missing.unlink()
+    for option in ([], ["--no-cache"]):
+        out = tmp_path / f"o{len(option)}"
+        fails(on_root(demo_copy, out, *option), capsys, "1 of ", str(missing))
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("parent_is", ["file", "sys"])
+def test_an_out_folder_that_cannot_be_created_is_a_one_line_error(
+    parent_is: str, demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = blocker / "out" if parent_is == "file" else Path("/sys/dstmtl-study-test")
+    if parent_is == "sys" and not Path("/sys").is_dir():
+        pytest.skip("no /sys here")
+    fails(on_root(demo_root, out, "--cache-dir", str(tmp_path / "cache")), capsys, str(out))
+
+
+def test_resume_refuses_changed_labels(
+    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    argv = on_root(demo_copy, out)
+    assert run.main(argv) == 0
+    attributes = demo_copy / "list_attr_celeba.txt"
+    lines = attributes.read_text().splitlines()
+    # Flip the first attribute column of every image (rows after the count and header).
+    flipped = [
+        line
+        if i < 2
+        else " ".join([line.split()[0], str(-int(line.split()[1])), *line.split()[2:]])
+        for i, line in enumerate(lines)
+    ]
+    attributes.write_text("\n".join(flipped) + "\n")
+    fails(
+        [*argv, "--resume"],
+        capsys,
+        "the data changed since the study started (list_attr_celeba.txt)",
+    )
+
+
+# ---------------------------------------------------------------- data and processes
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
+def test_ranks_share_the_training_set_without_repeating_an_image(
+    demo_root: Path, tmp_path: Path, cache: bool
+) -> None:
+    # 84 training images among 5 ranks: each takes 16 and four sit out the epoch, as with
+    # DistributedSampler(drop_last=True), rather than some ranks seeing an image twice.
+    files = celeba_files.locate(demo_root)
+    splits = celeba_files.load_splits(files, celeba_files.DEFAULT_ATTRIBUTES)
+    assert len(splits["train"]) == 84
+    train = celeba_batches.celeba_batches(
+        splits,
+        files.image_dir,
+        crop=178,
+        image_size=8,
+        batch_size=6,
+        device=torch.device("cpu"),
+        cache=cache,
+        cache_dir=tmp_path,
+        workers=0,
+        progress=False,
+    )["train"]
+    seen: list[bytes] = []
+    for rank in range(5):
+        batches = train(epoch=0, seed=0, rank=rank, world_size=5)
+        images = torch.cat([images for images, _ in batches])
+        assert images.dtype == torch.float32  # prepared: normalised floats
+        assert len(images) == 16
+        assert len(batches) == 3
+        # Flipped or not, an image is one of two arrays: keep the unflipped form's bytes.
+        seen += [min(i.numpy().tobytes(), i.flip(-1).numpy().tobytes()) for i in images]
+    assert len(set(seen)) == 80
+
+
+def test_the_sources_depend_on_the_seed_and_epoch_only(demo_root: Path, tmp_path: Path) -> None:
+    files = celeba_files.locate(demo_root)
+    splits = celeba_files.load_splits(files, celeba_files.DEFAULT_ATTRIBUTES)
+
+    def sources() -> dict[str, Callable[..., Iterable[Any]]]:
+        return celeba_batches.celeba_batches(
+            splits,
+            files.image_dir,
+            crop=178,
+            image_size=8,
+            batch_size=16,
+            device=torch.device("cpu"),
+            cache_dir=tmp_path,
+            workers=0,
+            progress=False,
+        )
+
+    def epoch(source: Callable[..., Iterable[Any]], **when: int) -> list[torch.Tensor]:
+        return [
+            torch.cat([images.flatten(), labels.flatten()]) for images, labels in source(**when)
+        ]
+
+    first, second = sources(), sources()
+    for when in ({"epoch": 0, "seed": 0}, {"epoch": 1, "seed": 0}, {"epoch": 0, "seed": 1}):
+        a, b = epoch(first["train"], **when), epoch(second["train"], **when)
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(
+        epoch(first["train"], epoch=0, seed=0)[0], epoch(first["train"], epoch=1, seed=0)[0]
+    )
+    # Evaluation neither shuffles nor flips: the same batches whatever the epoch and seed.
+    valid = [epoch(first["valid"], epoch=e, seed=s) for e, s in ((0, 0), (3, 2))]
+    assert all(torch.equal(x, y) for x, y in zip(*valid, strict=True))
 
 
 def test_torchrun_with_two_processes(tmp_path: Path) -> None:
@@ -383,51 +648,15 @@ def test_torchrun_with_two_processes(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count("Results:") == 1  # written and reported once, by rank 0
-    results = json.loads((out / "metrics.json").read_text())
-    assert list(results["runs"]) == ["equal", "dst"]
-    assert all(0 <= v <= 1 for v in results["runs"]["dst"]["test"]["accuracy"].values())
+    results = metrics(out)
+    assert list(results["runs"]) == RUNS
+    assert all(0 <= s["accuracy"] <= 1 for s in results["runs"]["dst/seed0"]["test"].values())
     # Its own record reproduces it: the launcher, the processes and the batch per step.
-    assert results["study"]["command"].startswith("torchrun --nproc_per_node=2 ")
-    assert results["study"]["hardware"]["processes"] == 2
-    assert results["study"]["effective_batch_size"] == 32
-
-
-def test_the_dataloader_fallback_runs_the_study(tmp_path: Path) -> None:
-    out = tmp_path / "jpeg"
-    argv = tiny_demo(out, "--no-cache", "--workers", "0", "--methods", "equal", "--epochs", "1")
-    assert run.main(argv) == 0
-    assert not (out / "cache").exists()  # nothing was cached
-    results = json.loads((out / "metrics.json").read_text())
-    accuracy = results["runs"]["equal"]["test"]["accuracy"]
-    assert len(accuracy) == 8
-    assert all(0.0 <= value <= 1.0 for value in accuracy.values())
-
-
-@pytest.mark.parametrize("cache", [True, False])
-def test_ranks_share_the_training_set_without_repeating_an_image(
-    demo_root: Path, tmp_path: Path, cache: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # 84 training images among 5 ranks: each takes 16 and four sit out the epoch, as with
-    # DistributedSampler(drop_last=True), rather than some ranks seeing an image twice.
-    args = arguments.parser().parse_args(
-        ["--batch-size", "6", "--image-size", "16", "--workers", "0", "--no-progress"]
-    )
-    args.cache = cache
-    # The ranks are simulated one after the other, without a process group.
-    monkeypatch.setattr(pipeline, "_on_first_rank", lambda work, rank, world_size: work())
-    files = celeba_files.locate(demo_root)
-    splits = celeba_files.load_splits(files, celeba_files.DEFAULT_ATTRIBUTES)
-    assert len(splits["train"].labels) == 84
-    seen: list[bytes] = []
-    for rank in range(5):
-        batches = pipeline._batch_source(
-            args, splits, files.image_dir, tmp_path, rank, 5, torch.device("cpu")
-        )("train", epoch=0, seed=0)
-        images = torch.cat([images for images, _ in batches])
-        assert len(images) == 16
-        assert len(batches) == 3
-        seen += [image.numpy().tobytes() for image in images]
-    assert len(set(seen)) == 80
+    (session,) = sessions(out)
+    assert session["launcher"][0] == "torchrun"
+    assert "--nproc_per_node=2" in session["launcher"]
+    assert session["world_size"] == 2
+    assert session["effective_batch_size"] == 32
 
 
 def _fail_on_first_rank(rank: int, directory: str) -> None:
@@ -439,7 +668,7 @@ def _fail_on_first_rank(rank: int, directory: str) -> None:
         def full_disk() -> None:
             raise OSError(28, "No space left on device")
 
-        pipeline._on_first_rank(full_disk, rank, 2)
+        celeba_study._on_first_rank(full_disk)
     except Exception as error:
         (Path(directory) / f"rank{rank}").write_text(f"{type(error).__name__}: {error}")
     finally:
@@ -452,6 +681,18 @@ def test_an_error_on_the_first_rank_reaches_the_others(tmp_path: Path) -> None:
     assert (tmp_path / "rank1").read_text() == (
         "CelebAError: rank 0 failed: OSError(28, 'No space left on device')"
     )
+
+
+def test_the_dataloader_fallback_runs_the_study(tmp_path: Path) -> None:
+    out = tmp_path / "jpeg"
+    argv = tiny_demo(out, "--no-cache", "--workers", "0", "--methods", "equal", "--epochs", "1")
+    assert run.main(argv) == 0
+    scores = metrics(out)["runs"]["equal/seed0"]["test"]
+    assert len(scores) == 8
+    assert all(0.0 <= s["accuracy"] <= 1.0 for s in scores.values())
+
+
+# ------------------------------------------------------------------------- the script
 
 
 def _run_script(argv: list[str], missing: str) -> subprocess.CompletedProcess[str]:
@@ -472,15 +713,10 @@ def test_help_answers_without_importing_torch() -> None:
     completed = _run_script(["--help"], "torch")
     assert completed.returncode == 0, completed.stderr
     assert "--seeds" in completed.stdout
+    assert "--protocol {study,famo40}" in completed.stdout
     refused = _run_script(["--epochs", "0"], "torch")
     assert refused.returncode == 2
     assert "must be at least 1" in refused.stderr
-
-
-def test_the_dst_metric_names_are_dstmtls_terms() -> None:
-    from dstmtl.study.methods import DST_TERMS
-
-    assert arguments.DST_METRICS == DST_TERMS
 
 
 @pytest.mark.parametrize("module", ["matplotlib", "tqdm", "dstmtl"])
@@ -490,162 +726,18 @@ def test_a_missing_install_step_is_named(module: str, tmp_path: Path) -> None:
     assert "Traceback" not in completed.stderr
     assert f"needs {module!r}, which is not installed" in completed.stderr
     assert "pip install -e '.[examples]'" in completed.stderr
+    assert not (tmp_path / "o").exists()
 
 
-def test_the_dataloader_fallback_checks_and_reports_images(
-    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    root = demo_copy
-    files = celeba_files.locate(root)
-    test_images = celeba_files.load_splits(files, celeba_files.DEFAULT_ATTRIBUTES)["test"]
-    first, second = test_images.image_paths(files.image_dir)[:2]
-    argv = ["--root", str(root), "--weights", "none", "--no-cache", "--methods", "equal", *TINY]
-
-    first.unlink()
-    fails([*argv, "--out", str(tmp_path / "missing")], capsys, "1 of ", str(first))
-    assert not (tmp_path / "missing" / "checkpoints").exists()  # before any training
-
-    shutil.copy(second, first)
-    second.write_bytes(second.read_bytes()[:300])  # truncated: found only when decoded
-    out = tmp_path / "truncated"
-    assert run.main([*argv, "--out", str(out), "--workers", "1", "--epochs", "1"]) == 2
-    message = capsys.readouterr().err
-    assert message.startswith(f"error: Cannot decode image {second}")
-    assert "Traceback" not in message
-    assert "worker" not in message
-
-
-def test_a_start_stopped_by_missing_data_leaves_no_study(
-    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    root = demo_copy
-    partition = root / "list_eval_partition.txt"
-    partition_text = partition.read_text()
-    partition.unlink()
-    out = tmp_path / "study"
-    argv = ["--root", str(root), "--out", str(out), "--weights", "none", "--methods", "equal"]
-    argv += [*TINY, "--epochs", "1"]
-    fails(argv, capsys, "list_eval_partition.txt")
-    assert not out.exists()
-    fails(["--root", str(tmp_path / "nowhere"), *argv[2:]], capsys, "nowhere")
-    assert not out.exists()
-
-    partition.write_text(partition_text)
-    # The same command, once the data is fixed: not refused as "another study".
-    assert run.main(argv) == 0
-    study = json.loads((out / "metrics.json").read_text())["study"]
-    assert study["argv"] == argv
-    assert study["resumed"] == []
-
-
-def test_a_start_stopped_by_a_broken_image_leaves_no_study(
-    demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    root = demo_copy
-    image = sorted((root / "img_align_celeba").iterdir())[0]
-    original = image.read_bytes()
-    image.write_bytes(original[:300])  # truncated
-    out = tmp_path / "study"
-    argv = ["--root", str(root), "--out", str(out), "--weights", "none", "--methods", "equal"]
-    argv += [*TINY, "--epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--workers", "0"]
-    fails(argv, capsys, image.name)
-    assert not (out / "study.json").exists()
-    assert not (out / "sessions.json").exists()
-    image.write_bytes(original)
-    assert run.main(argv) == 0
-
-
-@pytest.mark.parametrize("parent_is", ["file", "sys"])
-def test_an_out_folder_that_cannot_be_created_is_a_one_line_error(
-    parent_is: str, demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
-    out = blocker / "out" if parent_is == "file" else Path("/sys/dstmtl-study-test")
-    if parent_is == "sys" and not Path("/sys").is_dir():
-        pytest.skip("no /sys here")
-    argv = ["--root", str(demo_root), "--out", str(out), "--weights", "none", "--methods", "equal"]
-    fails([*argv, *TINY, "--cache-dir", str(tmp_path / "cache")], capsys, str(out))
-
-
-def test_resume_refuses_changed_labels(
-    finished_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    changed = tmp_path / "changed"
-    shutil.copytree(finished_study, changed)
-    attributes = changed / "demo_data" / "list_attr_celeba.txt"
-    lines = attributes.read_text().splitlines()
-    # Flip the first attribute column of every image (rows after the count and header).
-    flipped = [
-        line
-        if i < 2
-        else " ".join([line.split()[0], str(-int(line.split()[1])), *line.split()[2:]])
-        for i, line in enumerate(lines)
-    ]
-    attributes.write_text("\n".join(flipped) + "\n")
-    fails(
-        tiny_demo(changed, "--resume", "--epochs", "3"),
-        capsys,
-        "the data changed since the study started (list_attr_celeba.txt)",
-    )
-
-
-def test_a_study_from_before_sessions_keeps_its_resume_apart(tmp_path: Path) -> None:
-    (tmp_path / "checkpoints").mkdir()  # it trained before sessions were recorded
-    resume = pipeline._session(["--resume", "--out", str(tmp_path)], torch.device("cpu"), 1)
-    sessions = pipeline._record_session(tmp_path, resume, resume=True)
-    assert [session["argv"] for session in sessions] == [[], resume["argv"]]
-    assert sessions[0]["command"].startswith("unknown")
-    again = pipeline._record_session(tmp_path, resume, resume=True)
-    assert again == [*sessions, resume]
-
-
-@pytest.mark.parametrize("defaults", [pipeline._DEMO, pipeline._FULL], ids=["demo", "full"])
-def test_the_default_epochs_leave_dst_epochs_to_drop_in(defaults: dict[str, Any]) -> None:
-    # DST's first draw is made at the end of epoch 1 and acts from epoch 2 on.
-    epochs = defaults["epochs"]
-    assert isinstance(epochs, int)
-    assert epochs - 2 >= 3
-
-
-def test_each_epoch_prints_a_line_without_progress_bars(
-    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "o"
-    argv = ["--root", str(demo_root), "--out", str(out), "--weights", "none", "--methods", "equal"]
-    assert run.main([*argv, *TINY, "--cache-dir", str(tmp_path / "cache")]) == 0
-    printed = capsys.readouterr().out
-    for epoch in (1, 2):
-        assert f"equal epoch {epoch}/2: train loss " in printed
-    assert "valid mean accuracy" in printed
-    study = json.loads((out / "metrics.json").read_text())["study"]
-    assert set(study["load_average"]) == {"start", "end"}
-
-
-def test_a_torchrun_session_records_its_launcher_and_processes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    session = pipeline._session(["--demo"], torch.device("cpu"), 2)
-    assert session["command"].startswith("torchrun --nproc_per_node=2 ")
-    assert session["command"].endswith("run.py --demo")
-    assert session["hardware"]["processes"] == 2
-    alone = pipeline._session(["--demo"], torch.device("cpu"), 1)
-    assert alone["command"].split()[0].startswith("python")
-
-
-def test_seeds_run_every_method_with_each_seed(
-    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "o"
-    argv = ["--root", str(demo_root), "--out", str(out), "--weights", "none", *TINY]
-    argv += ["--cache-dir", str(tmp_path / "cache")]
-    fails([*argv, "--seeds", "a,b"], capsys, "--seeds", "do not parse")
-    assert run.main([*argv, "--seeds", "2"]) == 0
-    results = json.loads((out / "metrics.json").read_text())
-    assert list(results["runs"]) == ["equal/seed0", "dst/seed0", "equal/seed1", "dst/seed1"]
-    assert results["study"]["seeds"] == [0, 1]
-    first = {name: run_["epochs"][0]["train_loss"] for name, run_ in results["runs"].items()}
-    assert first["dst/seed0"] == first["equal/seed0"]  # same seed: same weights and data
-    assert first["equal/seed1"] != first["equal/seed0"]
-    assert "## Seeds" in (out / "results.md").read_text()
+def test_no_example_module_shadows_an_installed_package() -> None:
+    folder = Path(run.__file__).parent
+    names = {path.stem for path in folder.glob("*.py")}
+    assert not names & {
+        "study",
+        "methods",
+        "records",
+        "parallel",
+        "atomic",
+        "pipeline",
+        "reporting",
+    }
