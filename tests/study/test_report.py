@@ -159,7 +159,7 @@ def test_every_file_is_written_and_every_figure_is_a_png(
     runs = [f"{method}-seed{seed}" for seed in (0, 1) for method in ("equal", "dst", "uw")]
     expected = ["metrics.json", "results.md", "scores.png"]
     for run in runs:
-        expected.append(f"train_loss_{run}.png")
+        expected.append(f"training_loss_{run}.png")
         if run.startswith("dst"):
             expected.append(f"keep_probabilities_{run}.png")
     assert names == expected
@@ -193,7 +193,7 @@ def test_header_shows_the_callers_description_and_the_sessions(
         "not recorded",
     ]
     assert row(sessions, "2")[-1] == "3.25/2.00/1.00"
-    assert "1. `study.py --seeds 2`" in sessions
+    assert "1. `torchrun --nproc-per-node 2 study.py --seeds 2`" in sessions
 
 
 def test_scores_table_has_the_means_the_best_in_bold_and_the_majority_class(

@@ -220,7 +220,8 @@ def _sessions_section(results: StudyResults) -> str:
         "load at end",
     ]
     commands = [
-        f"{index}. `{shlex.join(session['argv'])}`" for index, session in enumerate(sessions, 1)
+        f"{index}. `{shlex.join([*session['launcher'], *session['argv']])}`"
+        for index, session in enumerate(sessions, 1)
     ]
     return (
         "## Sessions\n\nEach start of the study, the first and every resume: how the processes "
@@ -409,7 +410,8 @@ def _runs_section(results: StudyResults, config: StudyConfig) -> str:
             blocks.append(_keep_probability_table(run, tasks))
             blocks.append(_terms_table(run, tasks))
         blocks += [
-            f"![{field} {name}]({_figure_name(field, name)})" for field in _figure_fields(run)
+            f"![{field.replace('_', ' ')} {name}]({_figure_name(field, name)})"
+            for field in _figure_fields(run)
         ]
         parts.append("\n\n".join(block for block in blocks if block))
     return "\n\n".join(parts)
@@ -640,8 +642,9 @@ def _figure_fields(run: RunResult) -> list[_Field]:
 
 
 def _figure_name(field: _Field, run_name: str) -> str:
+    kind = "training_loss" if field == "train_loss" else field
     # Run names are "<method>/seed<seed>"; method names come from the command line.
-    return f"{field}_{re.sub(r'[^A-Za-z0-9._+-]', '-', run_name)}.png"
+    return f"{kind}_{re.sub(r'[^A-Za-z0-9._+-]', '-', run_name)}.png"
 
 
 def _drops_tasks(run: RunResult) -> bool:
