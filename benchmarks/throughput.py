@@ -45,6 +45,7 @@ from celeba_files import DEFAULT_ATTRIBUTES, load_splits, locate
 from celeba_study import build_model
 from demo_data import generate_demo_celeba
 from image_cache import prepare_batch
+from protocols import PROTOCOLS
 from torch import Tensor
 
 from dstmtl import MaskedMultiTaskLoss
@@ -173,7 +174,7 @@ def _benchmark(
         )
 
     torch.manual_seed(0)
-    model = build_model(DEFAULT_ATTRIBUTES, None).to(device)
+    model = build_model(PROTOCOLS["study"], DEFAULT_ATTRIBUTES, None).to(device)
     network = torch.compile(model) if args.compile else model
     loss_fn = MaskedMultiTaskLoss(dict.fromkeys(DEFAULT_ATTRIBUTES, "binary"))
     method = Method(
@@ -184,6 +185,8 @@ def _benchmark(
         seed=0,
         train_labels=torch.from_numpy(splits["train"].labels),
         network=network,  # type: ignore[arg-type]
+        # As the study runs it: bf16 autocast on a GPU (its precision "bfloat16").
+        autocast=lambda: torch.autocast(device.type, torch.bfloat16, enabled=cuda),
     ).to(device)
     pipeline = _endless(sources["train"], settings.batch_size, method.end_epoch)
     generator = torch.Generator(device).manual_seed(1)

@@ -16,9 +16,6 @@ DEFAULT_ATTRIBUTES: tuple[str, ...] = (
     "Wearing_Lipstick",
 )
 DEFAULT_METHODS = ("equal", "dst")
-# The names of protocols.PROTOCOLS, here so that --help needs no torch (a test keeps the two
-# equal).
-PROTOCOL_NAMES = ("study", "famo40")
 # Short names for --dst-metrics, in the order the paper lists the terms (the names of
 # dstmtl.study.methods.DST_TERMS; a test keeps the two equal).
 DST_METRICS = ("depth", "labels", "incompleteness", "stagnancy", "constant")
@@ -50,6 +47,10 @@ def positive_float(text: str) -> float:
 
 def parser() -> argparse.ArgumentParser:
     """The command line of ``run.py`` (see docs/celeba.md)."""
+    # Here, not at the top: protocols.py takes its default methods from this module.
+    from protocols import PROTOCOLS
+
+    study = PROTOCOLS["study"]
     command_line = argparse.ArgumentParser(
         description="Multi-task CelebA study: equal weights vs Dropped Scheduled Task (DST).",
     )
@@ -59,10 +60,13 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--attributes",
         help="comma-separated attribute names, or 'all' for the 40 [the protocol's: study "
-        f"{','.join(DEFAULT_ATTRIBUTES)}]",
+        f"{','.join(study.attributes)}; famo40 all]",
     )
     data.add_argument(
-        "--crop", type=positive_int, default=178, help="centre crop, pixels [%(default)s]"
+        "--crop",
+        type=positive_int,
+        help=f"centre crop, pixels [the protocol's: study {study.crop}; famo40 none, the whole "
+        "image squeezed to a square]",
     )
     data.add_argument(
         "--image-size", type=positive_int, help="training resolution [the protocol's; demo 64]"
@@ -88,16 +92,19 @@ def parser() -> argparse.ArgumentParser:
     training = command_line.add_argument_group("training")
     training.add_argument(
         "--protocol",
-        choices=PROTOCOL_NAMES,
-        default=PROTOCOL_NAMES[0],
-        help="the training protocol whose settings are the defaults of --attributes, "
-        "--methods, --epochs, --batch-size, --image-size and --lr: study (the report's), "
-        "famo40 (FAMO's 40 attributes) [%(default)s]",
+        choices=list(PROTOCOLS),
+        default=study.name,
+        help="the protocol whose settings are the defaults of --attributes, --methods, "
+        "--epochs, --batch-size, --image-size, --crop, --lr and --weights, and which sets the "
+        "model, the metric and the reference; "
+        + "; ".join(f"{name}: {chosen.description}" for name, chosen in PROTOCOLS.items())
+        + " [%(default)s]",
     )
     training.add_argument(
         "--methods",
-        help="comma-separated methods to compare, see docs/methods.md [the protocol's: study "
-        f"{','.join(DEFAULT_METHODS)}]",
+        help="comma-separated methods to compare, see docs/methods.md [the protocol's: "
+        + "; ".join(f"{name} {','.join(chosen.methods)}" for name, chosen in PROTOCOLS.items())
+        + "]",
     )
     training.add_argument(
         "--dst-metrics",
@@ -110,7 +117,11 @@ def parser() -> argparse.ArgumentParser:
         "--batch-size", type=positive_int, help="per process [the protocol's; demo 32]"
     )
     training.add_argument("--lr", type=positive_float, help="Adam learning rate [the protocol's]")
-    training.add_argument("--weights", help="torchvision weights, or 'none' [DEFAULT; demo none]")
+    training.add_argument(
+        "--weights",
+        help="torchvision weights of the ResNet18, or 'none' [the protocol's: study "
+        f"{study.weights}, famo40 none; demo none]",
+    )
     training.add_argument(
         "--seed",
         type=int,
@@ -134,9 +145,6 @@ def parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace the study in --out (only a folder holding a study)",
-    )
-    output.add_argument(
-        "--terms-epoch", type=non_negative_int, help="epoch of the terms table [the last]"
     )
     output.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bars"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,12 @@ def celeba_batches(
     splits: Mapping[str, CelebASplit],
     image_dir: Path,
     *,
-    crop: int,
+    crop: int | None,
     image_size: int,
     batch_size: int,
     device: torch.device,
+    flip: bool = True,
+    normalise: bool = True,
     cache: bool = True,
     cache_dir: Path,
     workers: int | None = None,
@@ -54,6 +57,12 @@ def celeba_batches(
     first_rank: Callable[[Callable[[], None]], None] = lambda work: work(),
 ) -> dict[str, Callable[..., Batches]]:
     """The ``train``, ``valid`` and ``test`` batch sources of ``splits``.
+
+    Each image is centre-cropped to ``crop`` pixels (``None``: the whole image) and resized
+    to ``image_size``; ``flip`` mirrors half the training images each epoch, ``normalise``
+    standardises with the ImageNet statistics (else the pixel values over 255). A source's
+    ``targets`` are its split's labels ``[N, K]``, which the harness reads for the majority
+    baseline and DST's label counts instead of going through the images.
 
     Decodes every image first (into the cache under ``cache_dir``, or, with
     ``cache=False``, only to check it), which raises :class:`CelebAError` naming a
@@ -65,9 +74,20 @@ def celeba_batches(
     for name in SPLIT_NAMES:
         split, train = splits[name], name == "train"
         paths = split.image_paths(image_dir)
-        if not cache:
-            first_rank(
-                lambda paths=paths, name=name: check_images(
+
+        def decode(paths: list[Path] = paths, name: str = name) -> None:
+            if cache:
+                build_cache(
+                    paths,
+                    cache_dir,
+                    crop=crop,
+                    image_size=image_size,
+                    workers=workers,
+                    desc=f"caching {name}",
+                    progress=progress,
+                )
+            else:
+                check_images(
                     paths,
                     crop=crop,
                     image_size=image_size,
@@ -75,56 +95,57 @@ def celeba_batches(
                     desc=f"checking {name}",
                     progress=progress,
                 )
-            )
+
+        first_rank(decode)
+        prepare = _Prepare(device, train and flip, normalise)
+        if cache:
+            # Opens what the first process built.
+            images = build_cache(paths, cache_dir, crop=crop, image_size=image_size)
+            sources[name] = _CachedSource(images, split.labels, batch_size, prepare, train)
+        else:
             dataset = ImageFolderDataset(paths, split.labels, crop=crop, image_size=image_size)
-            sources[name] = _JpegSource(dataset, batch_size, device, train, workers)
-            continue
-
-        def build(paths: list[Path] = paths, name: str = name) -> None:
-            build_cache(
-                paths,
-                cache_dir,
-                crop=crop,
-                image_size=image_size,
-                workers=workers,
-                desc=f"caching {name}",
-                progress=progress,
-            )
-
-        first_rank(build)
-        # Opens what the first rank built.
-        images = build_cache(paths, cache_dir, crop=crop, image_size=image_size)
-        sources[name] = _CachedSource(images, split.labels, batch_size, device, train)
+            sources[name] = _JpegSource(dataset, split.labels, batch_size, prepare, train, workers)
     return sources
+
+
+@dataclass(frozen=True)
+class _Prepare:
+    """Where the batches go and how they are prepared there."""
+
+    device: torch.device
+    flip: bool
+    normalise: bool
 
 
 class _Epoch:
     """One epoch's batches, prepared on the device, with their count for the progress bar.
 
-    Iterating starts the pass. A :class:`CelebAError` of a ``DataLoader`` worker (an image
-    changed after the check) comes back with the worker's traceback as its message; it is
-    raised again with its own message.
+    Iterating starts the pass; the flips are drawn from a generator seeded by ``number``.
+    A :class:`CelebAError` of a ``DataLoader`` worker (an image changed after the check)
+    comes back with the worker's traceback as its message; it is raised again with its own
+    message.
     """
 
-    def __init__(
-        self, batches: Batches, length: int, device: torch.device, train: bool, number: int
-    ) -> None:
+    def __init__(self, batches: Batches, length: int, prepare: _Prepare, number: int) -> None:
         self._batches, self._length = batches, length
-        self._device, self._train, self._number = device, train, number
+        self._prepare, self._number = prepare, number
 
     def __len__(self) -> int:
         return self._length
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        device = self._prepare.device
         # A device generator: the flips are drawn where the images are, without a sync.
-        flips = torch.Generator(self._device).manual_seed(self._number) if self._train else None
+        flips = torch.Generator(device).manual_seed(self._number) if self._prepare.flip else None
         try:
             for images, labels in self._batches:
-                images = images.to(self._device, non_blocking=True)
-                yield (
-                    prepare_batch(images, train=self._train, generator=flips),
-                    labels.to(self._device, non_blocking=True),
+                inputs = prepare_batch(
+                    images.to(device, non_blocking=True),
+                    train=self._prepare.flip,
+                    generator=flips,
+                    normalise=self._prepare.normalise,
                 )
+                yield inputs, labels.to(device, non_blocking=True)
         except CelebAError as error:
             _, marker, original = str(error).rpartition(f"{CelebAError.__name__}: ")
             if not marker:
@@ -141,12 +162,13 @@ class _CachedSource:
         images: UInt8Array,
         labels: npt.NDArray[np.float32],
         batch_size: int,
-        device: torch.device,
-        train: bool,
+        prepare: _Prepare,
+        shuffle: bool,
     ) -> None:
+        self.targets = torch.from_numpy(labels)
         self._images, self._labels, self._batch_size = images, labels, batch_size
-        self._device, self._train = device, train
-        self._preload = fits_on_device(images.nbytes, device)
+        self._prepare, self._shuffle = prepare, shuffle
+        self._preload = fits_on_device(images.nbytes, prepare.device)
         self._shards: dict[tuple[int, int], DeviceBatches] = {}
 
     def __call__(self, *, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> _Epoch:
@@ -156,8 +178,8 @@ class _CachedSource:
                 self._images,
                 self._labels,
                 batch_size=self._batch_size,
-                device=self._device,
-                shuffle=self._train,
+                device=self._prepare.device,
+                shuffle=self._shuffle,
                 rank=rank,
                 world_size=world_size,
                 preload=self._preload,
@@ -166,7 +188,7 @@ class _CachedSource:
         # One number per (seed, epoch) pair, so that no two seeds share an order.
         number = seed * 1000 + epoch
         batches.set_epoch(number)
-        return _Epoch(batches, len(batches), self._device, self._train, number)
+        return _Epoch(batches, len(batches), self._prepare, number)
 
 
 class _JpegSource:
@@ -175,13 +197,15 @@ class _JpegSource:
     def __init__(
         self,
         dataset: ImageFolderDataset,
+        labels: npt.NDArray[np.float32],
         batch_size: int,
-        device: torch.device,
-        train: bool,
+        prepare: _Prepare,
+        shuffle: bool,
         workers: int | None,
     ) -> None:
-        self._dataset, self._batch_size, self._device = dataset, batch_size, device
-        self._train = train
+        self.targets = torch.from_numpy(labels)
+        self._dataset, self._batch_size = dataset, batch_size
+        self._prepare, self._shuffle = prepare, shuffle
         self._workers = workers if workers is not None else os.cpu_count() or 1
 
     def __call__(self, *, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> _Epoch:
@@ -189,7 +213,7 @@ class _JpegSource:
         # drop_last, as DeviceBatches shards: up to world_size - 1 images sit out an epoch,
         # rather than padding the shards with repeated images.
         sampler: DistributedSampler[int] | None = None
-        if self._train and world_size > 1:
+        if self._shuffle and world_size > 1:
             sampler = DistributedSampler(
                 self._dataset, world_size, rank, shuffle=True, seed=0, drop_last=True
             )
@@ -197,10 +221,10 @@ class _JpegSource:
         loader = DataLoader(
             self._dataset,
             batch_size=self._batch_size,
-            shuffle=self._train and sampler is None,
+            shuffle=self._shuffle and sampler is None,
             sampler=sampler,
             generator=torch.Generator().manual_seed(number),
             num_workers=self._workers,
-            pin_memory=self._device.type == "cuda",
+            pin_memory=self._prepare.device.type == "cuda",
         )
-        return _Epoch(loader, len(loader), self._device, self._train, number)
+        return _Epoch(loader, len(loader), self._prepare, number)

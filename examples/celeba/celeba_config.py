@@ -3,8 +3,9 @@
 :meth:`CelebARun.from_args` applies the defaults (an option given wins, then the demo's
 small settings, then the protocol's); :meth:`CelebARun.study_config` is what
 :func:`dstmtl.study.run_study` records and compares whole on ``--resume``: every setting
-that decides the numbers, with the label files' fingerprint. The others (the device, the
-worker processes, the cache folder, the bars) may change between a start and its resume.
+that decides the numbers, with the label files' fingerprint (and the precision, bfloat16
+on a GPU, float32 on the CPU). The others (which GPU, the worker processes, the cache
+folder, the bars, compiling) may change between a start and its resume.
 """
 
 from __future__ import annotations
@@ -15,50 +16,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from celeba_files import CelebAError, CelebAFiles, parse_attributes
+from protocols import Protocol, protocol
 
 from dstmtl.study import StudyConfig, StudyError, StudyTask, parse_seeds
 
-__all__ = ["DEMO", "CelebARun", "Protocol", "dst_method", "protocol"]
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """A training protocol: the defaults of its attributes, methods and training settings."""
-
-    name: str
-    attributes: tuple[str, ...]
-    methods: tuple[str, ...]
-    epochs: int
-    batch_size: int
-    image_size: int
-    learning_rate: float
-    metric: str = "accuracy"
-
-
-_PROTOCOLS = {
-    "study": Protocol(
-        "study",
-        attributes=parse_attributes(
-            "Male,Smiling,Young,Eyeglasses,Wearing_Hat,Wearing_Necklace,Wearing_Earrings,"
-            "Wearing_Lipstick"
-        ),
-        methods=("equal", "dst"),
-        epochs=5,
-        batch_size=256,
-        image_size=128,
-        learning_rate=1e-3,
-    ),
-}
-
-
-def protocol(name: str) -> Protocol:
-    """The protocol called ``name``."""
-    if name not in _PROTOCOLS:
-        raise CelebAError(f"unknown protocol {name!r}; use one of {', '.join(_PROTOCOLS)}")
-    return _PROTOCOLS[name]
+__all__ = ["DEMO", "CelebARun", "dst_method", "fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +38,6 @@ class _Demo:
 
 
 DEMO = _Demo()
-_PRETRAINED = "DEFAULT"
 
 
 @dataclass(frozen=True)
@@ -88,7 +52,7 @@ class CelebARun:
     batch_size: int
     learning_rate: float
     image_size: int
-    crop: int
+    crop: int | None
     weights: str | None
     demo: bool
     demo_images: int
@@ -104,7 +68,7 @@ class CelebARun:
     device: str | None
     compile: bool
     progress: bool
-    terms_epoch: int | None
+    precision: Literal["float32", "bfloat16"]
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CelebARun:
@@ -130,7 +94,7 @@ class CelebARun:
         def default(value: Any, demo: Any, full: Any) -> Any:
             return value if value is not None else demo if args.demo else full
 
-        weights = default(args.weights, "none", _PRETRAINED)
+        weights = default(args.weights, "none", chosen.weights or "none")
         cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         return cls(
             protocol=chosen,
@@ -143,7 +107,7 @@ class CelebARun:
             batch_size=default(args.batch_size, DEMO.batch_size, chosen.batch_size),
             learning_rate=args.lr if args.lr is not None else chosen.learning_rate,
             image_size=default(args.image_size, DEMO.image_size, chosen.image_size),
-            crop=args.crop,
+            crop=args.crop if args.crop is not None else chosen.crop,
             weights=None if weights.lower() == "none" else weights,
             demo=args.demo,
             demo_images=args.demo_images or DEMO.images,
@@ -159,7 +123,8 @@ class CelebARun:
             device=args.device,
             compile=args.compile,
             progress=args.progress,
-            terms_epoch=args.terms_epoch,
+            # bfloat16 autocast on a GPU; full precision on the CPU, where bfloat16 is slow.
+            precision="bfloat16" if _cuda(args.device) else "float32",
         )
 
     @property
@@ -180,10 +145,12 @@ class CelebARun:
         extra: dict[str, Any] = {
             "protocol": self.protocol.name,
             "dataset": "demo" if self.demo else "celeba",
-            "model": "resnet18",
+            "model": self.protocol.model,
             "weights": self.weights,
             "crop": self.crop,
             "image_size": self.image_size,
+            "normalise": self.protocol.normalise,
+            "flip": self.protocol.flip,
             # The two input paths flip different images (the cache sorts each batch's rows).
             "input": "cache" if self.cache else "jpeg",
             "data_fingerprint": dict(fingerprint),
@@ -200,9 +167,20 @@ class CelebARun:
             epochs=self.epochs,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
-            reference=self.methods[0] if self.methods else "equal",
+            # The protocol's reference, or the first method when it is not run.
+            reference=self.protocol.reference
+            if self.protocol.reference in self.methods or not self.methods
+            else self.methods[0],
+            precision=self.precision,
             extra=extra,
         )
+
+
+def _cuda(device: str | None) -> bool:
+    """Whether the study trains on a GPU (``--device``, else CUDA when there is one)."""
+    import torch
+
+    return torch.device(device).type == "cuda" if device else torch.cuda.is_available()
 
 
 def dst_method(spec: str) -> str:

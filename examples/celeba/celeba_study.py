@@ -15,11 +15,12 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import protocols
 import torch
 import torch.distributed as dist
 from celeba_batches import celeba_batches
@@ -29,7 +30,7 @@ from demo_data import generate_demo_celeba
 
 from dstmtl import MultiHeadNet
 from dstmtl.study import StudyError, run_study
-from dstmtl.study.records import StudyResults
+from dstmtl.study.report import summary
 
 __all__ = ["build_model", "run"]
 
@@ -50,12 +51,12 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def build_model(attributes: tuple[str, ...], weights: str | None) -> MultiHeadNet:
-    """A torchvision ResNet18 with one binary head per attribute, in channels_last."""
-    try:
-        model = MultiHeadNet.from_torchvision("resnet18", attributes, weights=weights)
-    except (RuntimeError, ValueError) as error:
-        raise CelebAError(f"{error}. Pass --weights none to train from scratch.") from error
+def build_model(
+    protocol: protocols.Protocol, attributes: Sequence[str], weights: str | None
+) -> MultiHeadNet:
+    """The protocol's network with one binary head per attribute, in channels_last (the
+    layout the prepared batches have)."""
+    model = protocols.build_model(protocol, attributes, weights)
     return model.to(memory_format=torch.channels_last)
 
 
@@ -71,7 +72,7 @@ def _study(celeba: CelebARun) -> int:
     if celeba.resume:
         _check_same_data(out, config.extra["data_fingerprint"])
     # Also fails on missing weights before the data work.
-    depths = build_model(celeba.attributes, celeba.weights).depths()
+    depths = build_model(celeba.protocol, celeba.attributes, celeba.weights).depths()
     sources = celeba_batches(
         splits,
         files.image_dir,
@@ -79,6 +80,8 @@ def _study(celeba: CelebARun) -> int:
         image_size=celeba.image_size,
         batch_size=celeba.batch_size,
         device=device,
+        flip=celeba.protocol.flip,
+        normalise=celeba.protocol.normalise,
         cache=celeba.cache,
         cache_dir=celeba.cache_dir,
         workers=celeba.workers,
@@ -89,7 +92,7 @@ def _study(celeba: CelebARun) -> int:
     try:
         results = run_study(
             config,
-            lambda: build_model(celeba.attributes, celeba.weights),
+            lambda: build_model(celeba.protocol, celeba.attributes, celeba.weights),
             sources["train"],
             sources["valid"],
             sources["test"],
@@ -110,7 +113,7 @@ def _study(celeba: CelebARun) -> int:
             )
         return 130  # the shell's status for a SIGINT
     if rank == 0:
-        print(_summary(results, out, celeba.protocol.metric))
+        print(summary(results, config, out=out))
     return 0
 
 
@@ -172,25 +175,16 @@ def _info(
     return {
         "dataset": "generated stand-in for CelebA (--demo)" if celeba.demo else "CelebA",
         "root": str(root),
-        "protocol": celeba.protocol.name,
+        "protocol": f"{celeba.protocol.name}: {celeba.protocol.description}",
         "images": {name: len(split) for name, split in splits.items()},
         "positive_rate": {name: positive_rate(split) for name, split in splits.items()},
-        "model": "torchvision resnet18, one Linear(512, 1) head per attribute",
+        "model": f"{celeba.protocol.model}, one single-logit head per attribute",
         "weights": celeba.weights or "none (from scratch)",
         "image_size": celeba.image_size,
-        "crop": celeba.crop,
+        "crop": celeba.crop or "none (the whole image, squeezed to a square)",
         "input": "uint8 cache" if celeba.cache else "JPEGs decoded every epoch (--no-cache)",
         "network_depth": dict(depths),
-        "terms_epoch": celeba.terms_epoch,
     }
-
-
-def _summary(results: StudyResults, out: Path, metric: str) -> str:
-    lines = [f"Results: {out / 'results.md'}"]
-    for name, result in results["runs"].items():
-        values = [scores[metric] for scores in result["test"].values()]
-        lines.append(f"  {name}: mean test {metric} {sum(values) / len(values):.4f}")
-    return "\n".join(lines)
 
 
 def _join_processes() -> bool:

@@ -49,8 +49,10 @@ _TORCHVISION_IO_DEPRECATION = "The image decoding and encoding capabilities of T
 UInt8Array = npt.NDArray[np.uint8]
 
 
-def decode_image(path: Path, *, crop: int, image_size: int) -> torch.Tensor:
+def decode_image(path: Path, *, crop: int | None, image_size: int) -> torch.Tensor:
     """Decode one JPEG, centre-crop it to ``crop`` pixels and resize to ``image_size``.
+
+    ``crop=None`` resizes the whole image to the square (squeezing CelebA's height).
 
     Returns a uint8 tensor of shape [3, image_size, image_size].
     """
@@ -68,12 +70,13 @@ def decode_image(path: Path, *, crop: int, image_size: int) -> torch.Tensor:
             f"a JPEG; restore it from the CelebA download (or regenerate the demo data)."
         ) from error
     height, width = image.shape[-2:]
-    if crop > min(height, width):
-        raise CelebAError(
-            f"Crop size {crop} is larger than image {path} ({width}x{height}). "
-            f"Use a crop of at most {min(height, width)} pixels."
-        )
-    image = TF.center_crop(image, [crop, crop])
+    if crop is not None:
+        if crop > min(height, width):
+            raise CelebAError(
+                f"Crop size {crop} is larger than image {path} ({width}x{height}). "
+                f"Use a crop of at most {min(height, width)} pixels."
+            )
+        image = TF.center_crop(image, [crop, crop])
     resized: torch.Tensor = TF.resize(image, [image_size, image_size], antialias=True)
     return resized
 
@@ -82,7 +85,7 @@ def build_cache(
     paths: Sequence[Path],
     cache_dir: Path,
     *,
-    crop: int,
+    crop: int | None,
     image_size: int,
     workers: int | None = None,
     desc: str = "Caching images",
@@ -99,13 +102,14 @@ def build_cache(
     """
     if not paths:
         raise CelebAError(f"No images to cache for {desc!r}: the split is empty.")
-    if crop < 1 or image_size < 1:
+    if (crop is not None and crop < 1) or image_size < 1:
         raise CelebAError(
             f"Crop ({crop}) and image size ({image_size}) must be positive pixel counts."
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
     shape = (len(paths), 3, image_size, image_size)
-    cache_file = cache_dir / f"images_n{len(paths)}_crop{crop}_s{image_size}_{_key(paths)}.npy"
+    cropped = "whole" if crop is None else f"crop{crop}"
+    cache_file = cache_dir / f"images_n{len(paths)}_{cropped}_s{image_size}_{_key(paths)}.npy"
     cached = _open_cache(cache_file, shape)
     if cached is not None:
         return cached
@@ -170,7 +174,7 @@ def _open_cache(
 def _fill(
     cache_file: Path | None,
     paths: list[str],
-    crop: int,
+    crop: int | None,
     image_size: int,
     workers: int | None,
     desc: str,
@@ -185,7 +189,7 @@ def _fill(
 
 
 def _decode_chunk(
-    cache_file: str | None, crop: int, image_size: int, chunk: tuple[int, list[str]]
+    cache_file: str | None, crop: int | None, image_size: int, chunk: tuple[int, list[str]]
 ) -> int:
     """Decode a chunk of images into rows ``start...`` of the cache, or only decode them
     (``cache_file=None``) to find a broken one."""
@@ -203,7 +207,7 @@ def _decode_chunk(
 def check_images(
     paths: Sequence[Path],
     *,
-    crop: int,
+    crop: int | None,
     image_size: int,
     workers: int | None = None,
     desc: str = "Checking images",
@@ -410,7 +414,7 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         paths: Sequence[Path],
         labels: npt.NDArray[np.float32],
         *,
-        crop: int,
+        crop: int | None,
         image_size: int,
     ) -> None:
         if len(paths) != len(labels):
@@ -437,8 +441,10 @@ def prepare_batch(
     train: bool,
     generator: torch.Generator | None = None,
     channels_last: bool = True,
+    normalise: bool = True,
 ) -> torch.Tensor:
-    """Turn a uint8 batch [B, 3, S, S] into normalised float input, on its device.
+    """Turn a uint8 batch [B, 3, S, S] into float input, on its device: standardised with
+    the ImageNet channel statistics, or with ``normalise=False`` the pixel values over 255.
 
     In training, each image is mirrored left-right with probability 1/2.
     ``generator`` (if given) must live on the images' device. Nothing here
@@ -458,6 +464,8 @@ def prepare_batch(
     if channels_last:
         # Convert while still one byte per value; the float ops keep the layout.
         images = images.contiguous(memory_format=torch.channels_last)
+    if not normalise:
+        return images.float().mul_(1 / 255)
     scale, shift = _normalisation(images.device)
     # (x / 255 - mean) / std folded into one multiply and one subtract.
     return images.float().mul_(scale).sub_(shift)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
@@ -16,6 +17,7 @@ import celeba_batches
 import celeba_config
 import celeba_files
 import celeba_study
+import protocols
 import pytest
 import run
 import torch
@@ -59,15 +61,16 @@ def metrics(out: Path) -> dict[str, Any]:
 
 
 def sessions(out: Path) -> list[dict[str, Any]]:
-    loaded = json.loads((out / "sessions.json").read_text())
-    return list(loaded["sessions"] if isinstance(loaded, dict) else loaded)
+    loaded: list[dict[str, Any]] = json.loads((out / "sessions.json").read_text())
+    return loaded
 
 
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("study") / "demo"
-    # Three epochs: DST draws its first gates at the end of the second.
-    assert run.main(tiny_demo(out, "--epochs", "3")) == 0
+    # Four epochs: DST draws its first gates at the end of the second, drops tasks in the
+    # third and keeps every task in the last (its cool-down).
+    assert run.main(tiny_demo(out, "--epochs", "4")) == 0
     return out
 
 
@@ -78,12 +81,12 @@ def test_demo_study_writes_every_output(finished_study: Path) -> None:
     assert list(results["runs"]) == RUNS
     for name, entry in results["runs"].items():
         assert f"{entry['method']}/seed{entry['seed']}" == name
-        assert len(entry["epochs"]) == 3
+        assert len(entry["epochs"]) == 4
         assert set(entry["test"]) == set(tasks)
         for scores in entry["test"].values():
             assert set(scores) == {"accuracy", "balanced_accuracy", "f1"}
             assert all(0.0 <= value <= 1.0 for value in scores.values())
-        assert 0 <= entry["selected_epoch"] < 3
+        assert 0 <= entry["selected_epoch"] < 4
     dst_epoch = results["runs"]["dst/seed0"]["epochs"][1]
     assert set(dst_epoch["terms"]) == {"task_incompleteness"}
     assert all(0.0 <= p <= 1.0 for p in dst_epoch["keep_probabilities"].values())
@@ -130,7 +133,7 @@ def test_resumed_study_equals_an_uninterrupted_one(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    original = celeba_study.celeba_batches
+    original = celeba_batches.celeba_batches
     last_epochs = 0
 
     def interrupted_in_dsts_last_epoch(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -139,7 +142,7 @@ def test_resumed_study_equals_an_uninterrupted_one(
 
         def source(*, epoch: int, seed: int, **shard: int) -> Iterable[Any]:
             nonlocal last_epochs
-            if epoch == 2:
+            if epoch == 3:
                 last_epochs += 1
                 if last_epochs == 2:  # equal has finished; dst has drawn its gates
                     raise KeyboardInterrupt
@@ -150,7 +153,7 @@ def test_resumed_study_equals_an_uninterrupted_one(
 
     # Started without --out, as a user would: the study picks its folder under ./runs.
     monkeypatch.chdir(tmp_path)
-    argv = ["--demo", "--demo-images", "60", *TINY, "--epochs", "3"]
+    argv = ["--demo", "--demo-images", "60", *TINY, "--epochs", "4"]
     monkeypatch.setattr(celeba_study, "celeba_batches", interrupted_in_dsts_last_epoch)
     assert run.main(argv) == 130
     monkeypatch.setattr(celeba_study, "celeba_batches", original)
@@ -158,8 +161,8 @@ def test_resumed_study_equals_an_uninterrupted_one(
     resume_hint = f"run the same command with --resume --out {out.relative_to(tmp_path)}"
     assert resume_hint in capsys.readouterr().err
     interrupted = torch.load(out / "checkpoints" / "dst-seed0.pt", weights_only=True)
-    assert len(interrupted["history"]) == 2
-    assert not all(interrupted["history"][-1]["gates"].values())  # a task was dropped
+    assert len(interrupted["history"]) == 3
+    assert interrupted["history"][-1]["dropped"]  # DST dropped a task in its last epoch
     assert run.main([*argv, "--resume", "--out", str(out)]) == 0
 
     resumed = metrics(out)
@@ -175,7 +178,7 @@ def test_options_that_do_not_change_the_numbers_may_change_on_resume(
     shutil.copytree(finished_study, resumed)
     changed = ["--workers", "1", "--cache-dir", str(tmp_path / "other"), "--device", "cpu"]
     # Another cache folder: the demo data is generated there again, the same files.
-    assert run.main(tiny_demo(resumed, "--epochs", "3", "--resume", *changed)) == 0
+    assert run.main(tiny_demo(resumed, "--epochs", "4", "--resume", *changed)) == 0
     before = without_timings(metrics(finished_study)["runs"])
     assert without_timings(metrics(resumed)["runs"]) == before
 
@@ -202,8 +205,9 @@ def test_all_five_terms_as_an_extra_run(tmp_path: Path) -> None:
 def test_methods_compared_in_one_harness(tmp_path: Path) -> None:
     pytest.importorskip("torchjd")
     out = tmp_path / "compare"
-    methods = ["equal", "dst", "uw", "famo", "dst+upgrad"]
-    assert run.main(tiny_demo(out, "--methods", ",".join(methods), "--epochs", "3")) == 0
+    methods = ["equal", "dst", "famo", "dst+upgrad"]
+    argv = tiny_demo(out, "--methods", ",".join(methods), "--epochs", "3")
+    assert run.main([*argv, "--attributes", "Male,Smiling,Young"]) == 0
     results = metrics(out)
     assert list(results["runs"]) == [f"{name}/seed0" for name in methods]
     # Same seed, data order and model: the first epoch of equal and dst is the same run.
@@ -211,7 +215,7 @@ def test_methods_compared_in_one_harness(tmp_path: Path) -> None:
     assert first["dst/seed0"] == first["equal/seed0"]
     # DST drew gates after its warm-up; the plain methods record no terms.
     assert results["runs"]["dst+upgrad/seed0"]["epochs"][1]["terms"]
-    assert results["runs"]["uw/seed0"]["epochs"][1]["terms"] == {}
+    assert results["runs"]["famo/seed0"]["epochs"][1]["terms"] == {}
     report = (out / "results.md").read_text()
     for name in methods:
         assert f"| {name} " in report
@@ -223,7 +227,7 @@ def test_seeds_run_every_method_with_each_seed(
     out = tmp_path / "o"
     argv = ["--root", str(demo_root), "--out", str(out), "--weights", "none", *TINY]
     fails([*argv, "--seeds", "a,b"], capsys, "--seeds", "do not parse")
-    assert run.main([*argv, "--seeds", "2", "--epochs", "1"]) == 0
+    assert run.main([*argv, "--seeds", "2", "--epochs", "1", "--attributes", "Male,Young"]) == 0
     results = metrics(out)
     assert list(results["runs"]) == ["equal/seed0", "dst/seed0", "equal/seed1", "dst/seed1"]
     assert results["config"]["seeds"] == [0, 1]
@@ -240,7 +244,7 @@ def test_each_epoch_prints_a_line_without_progress_bars(
     for epoch in (1, 2):
         assert f"epoch {epoch}/2" in printed
     assert printed.count("train loss") == 2
-    assert f"Results: {tmp_path / 'o' / 'results.md'}" in printed
+    assert f"Report: {tmp_path / 'o' / 'results.md'}" in printed
 
 
 # ---------------------------------------------------------------------------- settings
@@ -251,7 +255,7 @@ def settings(*argv: str) -> celeba_config.CelebARun:
 
 
 def test_the_protocol_gives_the_defaults_and_options_override_them() -> None:
-    study = celeba_config.protocol("study")
+    study = protocols.protocol("study")
     full = settings("--root", "/data/celeba")
     assert full.protocol == study
     assert full.attributes == celeba_files.DEFAULT_ATTRIBUTES == study.attributes
@@ -267,29 +271,31 @@ def test_the_protocol_gives_the_defaults_and_options_override_them() -> None:
 
 
 def test_the_study_config_holds_what_decides_the_numbers_and_only_that() -> None:
-    run_a = settings("--root", "r", "--seeds", "0,4", "--methods", "dst,equal")
+    run_a = settings("--root", "r", "--seeds", "0,4", "--methods", "dst,uw")
     config = run_a.study_config({"list_attr_celeba.txt": "abc"})
     assert config.seeds == (0, 4)
-    assert config.reference == "dst"  # the first method, as the report lists it
+    assert config.reference == "dst"  # without the protocol's reference (equal), the first
+    assert settings("--root", "r").study_config({}).reference == "equal"
     assert set(config.tasks) == set(celeba_files.DEFAULT_ATTRIBUTES)
     assert config.extra["data_fingerprint"] == {"list_attr_celeba.txt": "abc"}
     # The device, the workers, the cache folder and the bars change nothing in the config.
     run_b = settings(
-        "--root", "r", "--seeds", "0,4", "--methods", "dst,equal", "--device", "cpu",
+        "--root", "r", "--seeds", "0,4", "--methods", "dst,uw", "--device", "cpu",
         "--workers", "3", "--cache-dir", "elsewhere", "--no-progress", "--compile",
     )  # fmt: skip
     assert run_b.study_config({"list_attr_celeba.txt": "abc"}) == config
     assert settings("--root", "r", "--no-cache").study_config({}).extra["input"] == "jpeg"
 
 
-@pytest.mark.parametrize("protocol", arguments.PROTOCOL_NAMES)
+@pytest.mark.parametrize("protocol", list(protocols.PROTOCOLS))
 def test_the_default_epochs_leave_dst_epochs_to_drop_in(protocol: str) -> None:
-    # DST's first draw is made at the end of epoch 1 and acts from epoch 2 on.
+    # DST's first draw is made at the end of epoch 1 and acts from epoch 2 on; the last
+    # epoch keeps every task (its cool-down): at least two epochs that drop tasks.
     for epochs in (
         settings("--root", "r", "--protocol", protocol).epochs,
         celeba_config.DEMO.epochs,
     ):
-        assert epochs - 2 >= 3
+        assert epochs - 3 >= 2
 
 
 def test_the_dst_metric_names_are_dstmtls_terms() -> None:
@@ -327,7 +333,7 @@ def fails(argv: list[str], capsys: pytest.CaptureFixture[str], *patterns: str) -
         ("--image-size", "0", "must be at least 1, got 0"),
         ("--lr", "-1", "must be a finite number above 0, got -1"),
         ("--lr", "nan", "must be a finite number above 0, got nan"),
-        ("--terms-epoch", "-1", "must be 0 or more, got -1"),
+        ("--workers", "-1", "must be 0 or more, got -1"),
         ("--protocol", "famo", "invalid choice: 'famo'"),
     ],
 )
@@ -408,9 +414,9 @@ def test_an_out_folder_with_another_study_is_refused(
     finished_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = (finished_study / "study.json").read_text()
-    fails(tiny_demo(finished_study, "--epochs", "3"), capsys, str(finished_study))
+    fails(tiny_demo(finished_study, "--epochs", "4"), capsys, str(finished_study))
     fails(tiny_demo(tmp_path / "empty", "--resume"), capsys, "no study to resume")
-    changed = tiny_demo(finished_study, "--epochs", "3", "--resume", "--lr", "0.5")
+    changed = tiny_demo(finished_study, "--epochs", "4", "--resume", "--lr", "0.5")
     fails(changed, capsys, "learning_rate: was 0.001, now 0.5")
     assert (finished_study / "study.json").read_text() == before
 
@@ -439,7 +445,7 @@ def test_a_study_of_another_format_is_not_resumed(
     saved = json.loads((older / "study.json").read_text())
     saved["format"] = 0
     (older / "study.json").write_text(json.dumps(saved))
-    fails(tiny_demo(older, "--resume", "--epochs", "3"), capsys, "format")
+    fails(tiny_demo(older, "--resume", "--epochs", "4"), capsys, "format")
 
 
 def test_missing_weights_say_where_to_put_them(
@@ -592,6 +598,7 @@ def test_ranks_share_the_training_set_without_repeating_an_image(
     seen: list[bytes] = []
     for rank in range(5):
         batches = train(epoch=0, seed=0, rank=rank, world_size=5)
+        assert isinstance(batches, Sized)
         images = torch.cat([images for images, _ in batches])
         assert images.dtype == torch.float32  # prepared: normalised floats
         assert len(images) == 16
@@ -647,14 +654,14 @@ def test_torchrun_with_two_processes(tmp_path: Path) -> None:
         check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert completed.stdout.count("Results:") == 1  # written and reported once, by rank 0
+    assert completed.stdout.count("Report:") == 1  # written and reported once, by rank 0
     results = metrics(out)
     assert list(results["runs"]) == RUNS
     assert all(0 <= s["accuracy"] <= 1 for s in results["runs"]["dst/seed0"]["test"].values())
     # Its own record reproduces it: the launcher, the processes and the batch per step.
     (session,) = sessions(out)
     assert session["launcher"][0] == "torchrun"
-    assert "--nproc_per_node=2" in session["launcher"]
+    assert "--nproc-per-node=2" in session["launcher"]
     assert session["world_size"] == 2
     assert session["effective_batch_size"] == 32
 
@@ -700,12 +707,18 @@ def _run_script(argv: list[str], missing: str) -> subprocess.CompletedProcess[st
     script = Path(run.__file__)
     # None in sys.modules makes the import raise ModuleNotFoundError, as if not installed.
     code = (
-        f"import runpy, sys; sys.modules[{missing!r}] = None; "
-        f"sys.path.insert(0, {str(script.parent)!r}); sys.argv = ['run.py', *{argv!r}]; "
+        f"import runpy, sys; sys.modules[{missing!r}] = None; sys.argv = ['run.py', *{argv!r}]; "
         f"runpy.run_path({str(script)!r}, run_name='__main__')"
     )
+    # run_path, unlike `python run.py`, does not put the script's folder on the path.
+    path = os.pathsep.join(filter(None, [str(script.parent), os.environ.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": path},
     )
 
 
@@ -714,6 +727,7 @@ def test_help_answers_without_importing_torch() -> None:
     assert completed.returncode == 0, completed.stderr
     assert "--seeds" in completed.stdout
     assert "--protocol {study,famo40}" in completed.stdout
+    assert "--terms-epoch" not in completed.stdout  # the report shows the last epoch's terms
     refused = _run_script(["--epochs", "0"], "torch")
     assert refused.returncode == 2
     assert "must be at least 1" in refused.stderr
