@@ -10,9 +10,9 @@ prepared on the device (the compute bound: same model, step, resolution and batc
 movement). Also reports the one-time cache build, the
 evaluation rate, the peak GPU memory, and the study time these rates imply.
 
-    PYTHONPATH=src python benchmarks/throughput.py --device cuda
-    PYTHONPATH=src python benchmarks/throughput.py --device cpu --images 600 --image-size 64 \\
-        --batch-size 32 --steps 10
+    PYTHONPATH=src:examples/celeba python benchmarks/throughput.py --device cuda
+    PYTHONPATH=src:examples/celeba python benchmarks/throughput.py --device cpu \\
+        --images 600 --image-size 64 --batch-size 32 --steps 10
 
 The last line is pipeline / bound (target >= 0.9 on one H100); nothing is asserted.
 """
@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-# First: _timing puts the example's folder on sys.path for the imports below.
 from _timing import (
     add_settings_options,
     device_conditions,
