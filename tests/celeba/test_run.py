@@ -100,13 +100,33 @@ def test_demo_study_writes_every_output(finished_study: Path) -> None:
     assert info["network_depth"] == dict.fromkeys(tasks, 18)
     assert set(info["positive_rate"]) == {"train", "valid", "test"}
     assert info["images"] == {"train": 42, "valid": 9, "test": 9}
-    assert len(sessions(finished_study)) == 1
+    (session,) = sessions(finished_study)
+    assert session["world_size"] == 1
+    assert session["effective_batch_size"] == 16
+    assert "load_at_start" in session
+    assert session["load_at_end"] is not None or not hasattr(os, "getloadavg")
+    # A task counts as dropped in the epoch its gate was off, never by a draw that no epoch
+    # applies: the last epoch (DST's cool-down) drops nothing.
+    dst = results["runs"]["dst/seed0"]
+    for before, record in zip(dst["epochs"], dst["epochs"][1:], strict=False):
+        assert record["dropped"] == [task for task, kept in before["gates"].items() if not kept]
+    assert dst["epochs"][0]["dropped"] == dst["epochs"][-1]["dropped"] == []
+    drops = [record["epoch"] for record in dst["epochs"] if record["dropped"]]
+    assert dst["dropping_epochs"] == len(drops)
+    assert dst["first_drop_epoch"] == (drops[0] if drops else None)
+    assert dst["selected_before_first_drop"] == (not drops or dst["selected_epoch"] < drops[0])
 
     report = (finished_study / "results.md").read_text()
     for task in tasks:
         assert task in report
+    assert "## DST drops" in report
     pngs = sorted(finished_study.glob("*.png"))
-    assert pngs
+    assert {p.name for p in pngs} >= {
+        "scores.png",
+        "training_loss_equal-seed0.png",
+        "training_loss_dst-seed0.png",
+        "keep_probabilities_dst-seed0.png",
+    }
     assert all(p.read_bytes().startswith(PNG) for p in pngs)
     assert not (finished_study / "demo_data").exists()  # the data lives in the cache folder
 
