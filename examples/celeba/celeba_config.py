@@ -29,7 +29,8 @@ __all__ = ["DEMO", "CelebARun", "dst_method", "fingerprint"]
 @dataclass(frozen=True)
 class _Demo:
     """The demo's defaults: small enough for a few minutes on a 2-core CPU. Five epochs, so
-    that DST (whose first draw acts in epoch 2) drops tasks in three of them."""
+    that DST (whose first draw acts in epoch 2, and which keeps every task in the last)
+    drops tasks in two of them."""
 
     epochs: int = 5
     batch_size: int = 32

@@ -27,7 +27,7 @@ from torch.multiprocessing.spawn import spawn
 
 from dstmtl import FusedLinearHead, MultiHeadNet
 
-TINY = ["--epochs", "2", "--batch-size", "16", "--image-size", "16", "--no-progress"]
+TINY = ["--epochs", "2", "--batch-size", "16", "--image-size", "8", "--no-progress"]
 PNG = b"\x89PNG\r\n\x1a\n"
 RUNS = ["equal/seed0", "dst/seed0"]
 
@@ -92,7 +92,7 @@ def test_demo_study_writes_every_output(finished_study: Path) -> None:
     assert all(0.0 <= p <= 1.0 for p in dst_epoch["keep_probabilities"].values())
     # What decides the numbers is in the config, the description in info.
     extra = results["config"]["extra"]
-    assert extra["image_size"] == 16
+    assert extra["image_size"] == 8
     assert extra["crop"] == 178
     assert extra["weights"] is None
     assert set(extra["data_fingerprint"]) == {"list_attr_celeba.txt", "list_eval_partition.txt"}
@@ -220,6 +220,59 @@ def test_all_five_terms_as_an_extra_run(tmp_path: Path) -> None:
     assert set(terms["network_depth"].values()) == {1.0}  # every head on the same backbone
     probabilities = results["runs"]["dst-all/seed0"]["epochs"][1]["keep_probabilities"]
     assert all(p >= 0.2 - 1e-9 for p in probabilities.values())
+
+
+def test_the_famo40_protocol_runs_its_network_on_whole_unnormalised_images(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "famo40"
+    argv = tiny_demo(out, "--protocol", "famo40", "--methods", "equal", "--epochs", "1")
+    assert run.main([*argv, "--attributes", "Male,Young"]) == 0
+    results = metrics(out)
+    extra = results["config"]["extra"]
+    assert (extra["protocol"], extra["model"], extra["crop"]) == ("famo40", "famo_cnn", None)
+    assert (extra["normalise"], extra["flip"]) == (False, False)
+    assert {task: spec["metric"] for task, spec in results["config"]["tasks"].items()} == {
+        "Male": "f1",
+        "Young": "f1",
+    }
+    # Its reference, stl, is not run: the first method is.
+    assert results["config"]["reference"] == "equal"
+    assert results["info"]["network_depth"] == {"Male": 10, "Young": 10}
+
+
+def test_the_sources_prepare_as_the_protocol_says(demo_root: Path, tmp_path: Path) -> None:
+    files = celeba_files.locate(demo_root)
+    splits = celeba_files.load_splits(files, ["Male"])
+
+    def first_batch(**preparation: Any) -> torch.Tensor:
+        train = celeba_batches.celeba_batches(
+            splits,
+            files.image_dir,
+            image_size=8,
+            batch_size=84,
+            device=torch.device("cpu"),
+            cache_dir=tmp_path,
+            workers=0,
+            progress=False,
+            **preparation,
+        )["train"]
+        images, _ = next(iter(train(epoch=0, seed=0)))
+        return images
+
+    plain = first_batch(crop=None, flip=False, normalise=False)
+    assert plain.min() >= 0  # the pixel values over 255
+    assert plain.max() <= 1
+    # The same images, mirrored or not: the flips are the only difference.
+    flipped = first_batch(crop=None, flip=True, normalise=False)
+    mirrored = [not torch.equal(a, b) for a, b in zip(plain, flipped, strict=True)]
+    assert 0 < sum(mirrored) < len(mirrored)
+    assert all(
+        torch.equal(b, a.flip(-1)) if m else torch.equal(a, b)
+        for a, b, m in zip(plain, flipped, mirrored, strict=True)
+    )
+    assert first_batch(crop=None, flip=False, normalise=True).min() < 0  # standardised
+    assert not torch.equal(first_batch(crop=100, flip=False, normalise=False), plain)
 
 
 def test_methods_compared_in_one_harness(tmp_path: Path) -> None:
