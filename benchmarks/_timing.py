@@ -5,24 +5,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
-
-# The CelebA example's modules: its argparse types for both benchmarks, its pipeline for
-# throughput.py.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "celeba"))
-
-from arguments import non_negative_int, positive_int
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
     _Settings = TypeVar("_Settings", bound=DataclassInstance)
+
+
+def positive_int(text: str) -> int:
+    """A count that must be at least 1 (an argparse type)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """A count that may be 0 (an argparse type)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def add_settings_options(

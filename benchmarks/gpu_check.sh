@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh          # from the repository root
 #
-# No install needed: the library is taken from src/ (PYTHONPATH). The output goes to the
+# No install needed: the library is taken from src/ (PYTHONPATH; throughput.py also gets
+# examples/celeba, the example whose modules it times). The output goes to the
 # terminal and to $OUT/gpu_check.log ($OUT when set, else ./gpu_check.log). A failing or
 # timed-out step does not stop the next ones; the exit status is 1 if any failed.
 # PYTHON picks the interpreter [python, else python3].
@@ -39,7 +40,8 @@ run_step() {
 
     run_step tests 100 "$python" -m pytest tests/test_gpu.py -q -rA -p no:cacheprovider
     run_step overhead 150 "$python" benchmarks/overhead.py --device cuda
-    run_step throughput 210 "$python" benchmarks/throughput.py --device cuda --images 20000
+    run_step throughput 210 env PYTHONPATH="$PYTHONPATH:examples/celeba" \
+        "$python" benchmarks/throughput.py --device cuda --images 20000
 
     echo
     if [ "${#failed[@]}" -eq 0 ]; then

@@ -10,18 +10,14 @@ from __future__ import annotations
 import gzip
 import re
 import struct
-import sys
 from pathlib import Path
 from types import ModuleType
 
-import pytest
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
 import forgetting
 import overhead
+import pytest
 import throughput
+import torch
 
 TINY = ["--device", "cpu", "--repeats", "1", "--steps", "1", "--warmup", "0", "--threads", "1"]
 

@@ -12,7 +12,6 @@ copy, ``nonzero`` on the device, ...) into a ``RuntimeError``.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,12 +30,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
     pytest.mark.cuda,
 ]
-
-# The CelebA example is a script folder, imported the way `python examples/celeba/run.py`
-# sees its modules.
-_EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "celeba"
-if str(_EXAMPLE_DIR) not in sys.path:
-    sys.path.insert(0, str(_EXAMPLE_DIR))
 
 _TASKS = ("male", "smiling", "young", "eyeglasses")
 _BATCH, _SIZE = 16, 32

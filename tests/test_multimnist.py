@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
 from pathlib import Path
 
+import multimnist
+import multimnist_data
 import pytest
 import torch
 import torchvision
-
-_EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "multimnist"
-if str(_EXAMPLE_DIR) not in sys.path:
-    sys.path.insert(0, str(_EXAMPLE_DIR))
-
-import multimnist  # noqa: E402
-import multimnist_data  # noqa: E402
-from test_benchmarks import write_mnist  # noqa: E402
+from test_benchmarks import write_mnist
 
 
 def _flat(value: int, count: int = 1) -> torch.Tensor:

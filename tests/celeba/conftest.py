@@ -1,23 +1,17 @@
 """Shared setup for the CelebA example tests.
 
 The example is a script directory, not a package, so its modules are imported
-the way ``python examples/celeba/run.py`` sees them: with that directory on
-``sys.path``.
+the way ``python examples/celeba/run.py`` sees them: flat, with that directory on
+the path (pytest's ``pythonpath`` in pyproject.toml).
 """
 
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-
-_EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "celeba"
-if str(_EXAMPLE_DIR) not in sys.path:
-    sys.path.insert(0, str(_EXAMPLE_DIR))
-
-from demo_data import generate_demo_celeba  # noqa: E402  (needs the path set above)
+from demo_data import generate_demo_celeba
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -459,12 +460,18 @@ def _run_script(argv: list[str], missing: str) -> subprocess.CompletedProcess[st
     script = Path(run.__file__)
     # None in sys.modules makes the import raise ModuleNotFoundError, as if not installed.
     code = (
-        f"import runpy, sys; sys.modules[{missing!r}] = None; "
-        f"sys.path.insert(0, {str(script.parent)!r}); sys.argv = ['run.py', *{argv!r}]; "
+        f"import runpy, sys; sys.modules[{missing!r}] = None; sys.argv = ['run.py', *{argv!r}]; "
         f"runpy.run_path({str(script)!r}, run_name='__main__')"
     )
+    # run_path, unlike `python run.py`, does not put the script's folder on the path.
+    path = os.pathsep.join(filter(None, [str(script.parent), os.environ.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": path},
     )
 
 

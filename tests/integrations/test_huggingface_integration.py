@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,8 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: nothing may reach the Hub
 
+from huggingface_example import ToyDataset, main, make_trainer
+from toy_tasks import make_scheduler
 from transformers import (
     Trainer,
     TrainerCallback,
@@ -26,15 +27,6 @@ from dstmtl.integrations.huggingface import (
     TaskDropCallback,
     TaskDropTrainer,
 )
-
-# The examples are a script folder, imported the way `python
-# examples/integrations/huggingface_example.py` sees its modules.
-_EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "integrations"
-if str(_EXAMPLE_DIR) not in sys.path:
-    sys.path.insert(0, str(_EXAMPLE_DIR))
-
-from huggingface_example import ToyDataset, main, make_trainer  # noqa: E402
-from toy_tasks import make_scheduler  # noqa: E402
 
 
 class _StopAfter(TrainerCallback):

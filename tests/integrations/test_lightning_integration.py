@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from lightning_example import main, train
+from toy_tasks import make_data
 
 from dstmtl.integrations._values import _framework_log_values
 from dstmtl.integrations.lightning import TaskDropCallback
-
-# The examples are a script folder, imported the way `python
-# examples/integrations/lightning_example.py` sees its modules.
-_EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "integrations"
-if str(_EXAMPLE_DIR) not in sys.path:
-    sys.path.insert(0, str(_EXAMPLE_DIR))
-
-from lightning_example import main, train  # noqa: E402  (needs the path set above)
-from toy_tasks import make_data  # noqa: E402
 
 # The toy data lives in memory; Lightning's advice to add loader workers is noise here.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -314,3 +314,113 @@ def test_batch_sources_are_called_with_the_epoch_and_seed(tmp_path: Path) -> Non
     assert ("train", 1, 3) in calls
     run = results["runs"]["equal/seed3"]
     assert all(math.isfinite(v) for m in run["test"].values() for v in m.values())
+
+
+def test_sessions_and_the_majority_baselines_are_recorded(finished: tuple[Path, Any]) -> None:
+    out, results = finished
+    (session,) = json.loads((out / "sessions.json").read_text())
+    assert session["world_size"] == 1
+    assert session["effective_batch_size"] == 16
+    assert session["launcher"] == [Path(sys.executable).name]
+    assert session["finished"] is not None
+    assert session == results["sessions"][0]
+    # flag is column 0: the training majority class, scored on the labelled test samples.
+    train, test = TRAIN.tensors[1][:, 0], TEST.tensors[1][:, 0]
+    train, test = train[~train.isnan()], test[~test.isnan()]
+    majority = 1.0 if (train == 1).sum() >= (train == 0).sum() else 0.0
+    assert results["baselines"]["majority"] == {
+        "flag": pytest.approx(float((test == majority).sum()) / len(test))
+    }
+
+
+def test_dst_keeps_every_task_in_its_last_epoch(tmp_path: Path) -> None:
+    results = study(tmp_path / "out", methods=("equal", "dst"), seeds=(0, 1), epochs=8)
+    dst = [results["runs"][f"dst/seed{seed}"] for seed in (0, 1)]
+    assert any(epoch["dropped"] for run in dst for epoch in run["epochs"])  # it did drop
+    for run in dst:
+        assert run["epochs"][-1]["dropped"] == []  # the cool-down epoch
+        assert set(run["epochs"][-1]["terms"]) == {"task_incompleteness"}
+    equal = results["runs"]["equal/seed0"]["epochs"][0]
+    assert equal["terms"] == {}
+    assert equal["loss_weights"] == {}
+
+
+def test_a_resume_adds_a_session(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    study(out, methods=("equal",), seeds=(0,), epochs=2)
+    resumed = run_study(
+        config(methods=("equal",), seeds=(0,), epochs=2),
+        model,
+        TRAIN,
+        VALID,
+        TEST,
+        out,
+        resume=True,
+        progress=False,
+    )
+    assert len(resumed["sessions"]) == 2
+    assert len(json.loads((out / "sessions.json").read_text())) == 2
+
+
+def test_overwrite_replaces_a_study_and_nothing_else(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    study(out, methods=("equal",), seeds=(0,), epochs=1)
+    (out / "notes.txt").write_text("mine")
+    short = config(methods=("equal",), seeds=(0,), epochs=2)
+    run_study(short, model, TRAIN, VALID, TEST, out, overwrite=True, progress=False)
+    assert not (out / "notes.txt").exists()
+    assert json.loads((out / "study.json").read_text())["config"]["epochs"] == 2
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("1,2")
+    with pytest.raises(StudyError, match="overwrite replaces only a study folder"):
+        run_study(short, model, TRAIN, VALID, TEST, other, overwrite=True, progress=False)
+    assert (other / "data.csv").read_text() == "1,2"
+
+
+def test_one_line_per_epoch_is_printed_without_progress_bars(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study(tmp_path / "out", methods=("equal",), seeds=(0,), epochs=2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "epoch" in line]
+    assert [line.split(":")[0] for line in lines] == [
+        "equal seed 0 epoch 1/2",
+        "equal seed 0 epoch 2/2",
+    ]
+    assert all("train loss" in line and "valid score" in line for line in lines)
+
+
+def test_the_equal_method_holds_no_scheduler_and_logs_its_mean_losses() -> None:
+    from dstmtl.study.methods import Method
+
+    torch.manual_seed(0)
+    net = model()
+    loss_fn = MaskedMultiTaskLoss({name: task.kind for name, task in TASKS.items()})
+    method = Method("equal", net, loss_fn, learning_rate=0.01, seed=0)
+    assert method.scheduler is None
+    x, y = TRAIN.tensors
+    y = y.clone()
+    y[:16, 1] = float("nan")  # "kind" unlabelled in the first batch
+    seen = []
+    for start in (0, 16):
+        batch = (x[start : start + 16], y[start : start + 16])
+        with torch.no_grad():
+            seen.append(loss_fn(net(batch[0]), batch[1]))
+        method.step(*batch)
+    method.end_epoch()
+    expected = [
+        float(seen[0][0] + seen[1][0]) / 2,  # both steps labelled
+        float(seen[1][1]),  # only the second step had a label
+        float(seen[0][2] + seen[1][2]) / 2,
+    ]
+    assert list(method.epoch_losses.values()) == pytest.approx(expected)
+    assert method.gates == dict.fromkeys(TASKS, True)
+
+
+def test_bfloat16_precision_trains(tmp_path: Path) -> None:
+    results = study(
+        tmp_path / "out", methods=("equal",), seeds=(0,), epochs=1, precision="bfloat16"
+    )
+    assert all(math.isfinite(v) for v in results["runs"]["equal/seed0"]["test"]["flag"].values())
+    with pytest.raises(StudyError, match="precision must be 'float32' or 'bfloat16'"):
+        config(precision="float16")

@@ -72,6 +72,8 @@ class StudyConfig:
         selection: ``"metric"`` selects each run's epoch by the mean validation metric
             over tasks (lower-is-better metrics negated: use it when the tasks share a
             scale), ``"loss"`` by the mean validation loss over tasks.
+        precision: ``"bfloat16"`` runs the forward passes under ``torch.autocast`` with
+            bfloat16 (fast on recent GPUs, slow on most CPUs), ``"float32"`` does not.
         extra: Your own settings that decide the numbers (JSON values: an image size, a
             dataset version), recorded in ``study.json`` and compared on resume.
     """
@@ -84,6 +86,7 @@ class StudyConfig:
     learning_rate: float = 1e-3
     reference: str = "equal"
     selection: Literal["metric", "loss"] = "metric"
+    precision: Literal["float32", "bfloat16"] = "float32"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,6 +117,8 @@ class StudyConfig:
             raise StudyError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.selection not in ("metric", "loss"):
             raise StudyError(f"selection must be 'metric' or 'loss', got {self.selection!r}")
+        if self.precision not in ("float32", "bfloat16"):
+            raise StudyError(f"precision must be 'float32' or 'bfloat16', got {self.precision!r}")
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as plain JSON values (what ``study.json`` holds)."""

@@ -2,18 +2,18 @@
 
 A :class:`Method` holds the model's optimizer and does forward, loss, backward, optimizer
 step and any second pass (FAMO's) in :meth:`Method.step`, so the training loop has no
-per-method branch. Every method records the per-task training losses in a
-:class:`~dstmtl.TaskDropScheduler`: for DST it draws the gates; for the other methods it
-keeps every task (:class:`~dstmtl.metrics.Constant`) and its epoch means are the losses
-reported. A task without a labelled sample in the batch is absent from the step for every
-method (see :mod:`dstmtl.study.weighting` and docs/methods.md).
+per-method branch. Every method gathers its per-task training losses on the device and
+reads them once per epoch; only the DST methods hold a :class:`~dstmtl.TaskDropScheduler`.
+A task without a labelled sample in the batch is absent from the step for every method
+(see :mod:`dstmtl.study.weighting` and docs/methods.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dstmtl._device_state import LABELLED_STEPS, LOSS_SUM, DeviceState
 from dstmtl.loss import MaskedMultiTaskLoss
 from dstmtl.metrics import (
     Constant,
@@ -52,7 +53,7 @@ _BASELINES_EXTRA = "pip install 'dstmtl[baselines]'"
 @dataclass(frozen=True)
 class _Spec:
     description: str
-    dst_terms: tuple[str, ...] = ("constant",)
+    dst_terms: tuple[str, ...] | None = None
     weighting: str | None = None
     aggregator: str | None = None
     single_task: bool = False
@@ -135,6 +136,8 @@ class Method:
         loss_fn: The masked per-task losses.
         learning_rate: Adam's learning rate for the model (and UW's log-variances).
         seed: Seeds DST's draws.
+        epochs: The run's length, for DST's all-task cool-down in its last epoch
+            (:class:`~dstmtl.TaskDropScheduler`'s ``epochs``); ``None``: no cool-down.
         train_labels: The training targets ``[N, K]`` (NaN = missing), for DST's label
             count term.
         only_task: For single-task learning: the one task this model learns.
@@ -152,6 +155,7 @@ class Method:
         *,
         learning_rate: float,
         seed: int,
+        epochs: int | None = None,
         train_labels: Tensor | None = None,
         only_task: str | None = None,
         network: nn.Module | None = None,
@@ -163,18 +167,32 @@ class Method:
         assert spec is not None
         self.name = name
         self.description = spec.description
-        self.drops_tasks = spec.dst_terms != ("constant",)
         self.model = model
         self.network = model if network is None else network
         self._autocast = autocast
         self.loss_fn = loss_fn
-        tasks = model.task_names
-        terms = [_term(term, model, train_labels) for term in spec.dst_terms]
-        self.scheduler = TaskDropScheduler(tasks, terms, generator=seed)
-        self.weighting = None if spec.weighting is None else _WEIGHTINGS[spec.weighting](len(tasks))
+        self.task_names = model.task_names
+        self.scheduler = (
+            None
+            if spec.dst_terms is None
+            else TaskDropScheduler(
+                self.task_names,
+                [_term(term, model, train_labels) for term in spec.dst_terms],
+                generator=seed,
+                epochs=epochs,
+            )
+        )
+        self.drops_tasks = spec.dst_terms not in (None, ("constant",))
+        self._losses = DeviceState(len(self.task_names))
+        self._epoch_losses = [math.nan] * len(self.task_names)
+        self.weighting = (
+            None if spec.weighting is None else _WEIGHTINGS[spec.weighting](len(self.task_names))
+        )
         self._famo = isinstance(self.weighting, weighting.FAMO)
         self.aggregator = _aggregator(spec.aggregator, name)
-        self._only = None if only_task is None else torch.tensor([t == only_task for t in tasks])
+        self._only = (
+            None if only_task is None else torch.tensor([t == only_task for t in self.task_names])
+        )
         trained = list(model.parameters())
         if self.weighting is not None and not self._famo:  # FAMO steps its logits itself
             trained += list(self.weighting.parameters())
@@ -185,9 +203,12 @@ class Method:
             self.weighting.to(device)
         if self._only is not None:
             self._only = self._only.to(device)
+        if self.scheduler is not None:
+            self.scheduler.to(device)
+        self._losses.to(device)
         return self
 
-    def step(self, inputs: Tensor, targets: Tensor) -> None:
+    def step(self, inputs: Tensor, targets: Tensor | Mapping[str, Tensor]) -> None:
         """One training step on a batch already on the model's device."""
         with self._autocast():
             # The aggregators need the shared features, so they bypass the network wrapper.
@@ -199,16 +220,21 @@ class Method:
         counts = self.loss_fn.label_counts
         if self._only is not None:
             counts = torch.where(self._only, counts, torch.zeros_like(counts))
+        self._losses.record(losses, counts, by_label=False)
         self.optimizer.zero_grad(set_to_none=True)
         if self.aggregator is not None:
             assert features is not None
             self._aggregate(losses, counts, features)
         else:
-            loss = self.scheduler(losses, counts)  # also the epoch's loss records
             if self.weighting is not None:
                 loss = self.weighting(losses, counts)
             elif self._only is not None:
                 loss = torch.where(self._only, losses, torch.zeros_like(losses)).sum()
+            elif self.scheduler is not None:
+                loss = self.scheduler(losses, counts)  # also DST's own epoch statistics
+            else:
+                # Equal weights: an unlabelled task's loss is 0 (MaskedMultiTaskLoss).
+                loss = losses.sum()
             torch.autograd.backward(loss)
         self.optimizer.step()
         if self._famo:
@@ -218,19 +244,61 @@ class Method:
             self.weighting.update(after)  # type: ignore[union-attr,operator]
 
     def end_epoch(self) -> None:
-        self.scheduler.step()
+        """Read the epoch's losses (one host read, summed over ranks) and let DST draw the
+        next epoch's gates."""
+        sums = self._losses.collect()
+        steps = sums[LABELLED_STEPS]
+        means = torch.where(steps > 0, sums[LOSS_SUM] / steps.clamp(min=1), math.nan)
+        self._epoch_losses = means.tolist()
+        if self.scheduler is not None:
+            self.scheduler.step()
         if isinstance(self.weighting, weighting.DynamicWeightAverage):
             self.weighting.step()
 
+    @property
+    def epoch_losses(self) -> dict[str, float]:
+        """Each task's mean training loss over the labelled steps of the last epoch."""
+        return dict(zip(self.task_names, self._epoch_losses, strict=True))
+
+    @property
+    def gates(self) -> dict[str, bool]:
+        """Which tasks the current (next) epoch updates."""
+        if self.scheduler is None:
+            return dict.fromkeys(self.task_names, True)
+        return self.scheduler.gates
+
+    @property
+    def keep_probabilities(self) -> dict[str, float]:
+        if self.scheduler is None:
+            return dict.fromkeys(self.task_names, 1.0)
+        return self.scheduler.keep_probabilities
+
+    @property
+    def terms(self) -> dict[str, dict[str, float]]:
+        """Each DST term's value per task at the last draw; empty for a method that drops
+        no task."""
+        return self.scheduler.terms if self.scheduler is not None and self.drops_tasks else {}
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        return (
+            self.scheduler.loss_weights if self.scheduler is not None and self.drops_tasks else {}
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return {
-            "scheduler": self.scheduler.state_dict(),
+            "losses": self._losses.saved_sums(),
+            "epoch_losses": list(self._epoch_losses),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "weighting": None if self.weighting is None else self.weighting.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._losses.load_sums(state["losses"].to(self._losses.device))
+        self._epoch_losses = list(state["epoch_losses"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.weighting is not None:
             self.weighting.load_state_dict(state["weighting"])
@@ -240,17 +308,21 @@ class Method:
     ) -> None:
         from torchjd.autojac import jac_to_grad, mtl_backward
 
-        kept = self.scheduler.kept_losses(losses, counts)
+        if self.scheduler is None:
+            kept, active_tasks = losses, self.task_names
+        else:
+            kept, active_tasks = (
+                self.scheduler.kept_losses(losses, counts),
+                self.scheduler.active_tasks,
+            )
         # The aggregators solve on the CPU and synchronise anyway, so reading which tasks
         # are labelled costs nothing more. A zero row (an unlabelled task) would make
         # MGDA's update 0 and shrink UPGrad's mean, so only labelled tasks take part.
-        labelled = dict(zip(self.model.task_names, (counts > 0).tolist(), strict=True))
-        active = [i for i, t in enumerate(self.scheduler.active_tasks) if labelled[t]]
+        labelled = dict(zip(self.task_names, (counts > 0).tolist(), strict=True))
+        active = [i for i, t in enumerate(active_tasks) if labelled[t]]
         if not active:
             return
-        heads = [
-            list(self.model.heads[self.scheduler.active_tasks[i]].parameters()) for i in active
-        ]
+        heads = [list(self.model.heads[active_tasks[i]].parameters()) for i in active]
         # The losses of one kind come from one vectorised call and share graph nodes above
         # the features, so the graph must survive the per-task backward passes.
         shared = features if isinstance(features, Tensor) else list(features.values())
