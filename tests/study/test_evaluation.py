@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from dstmtl import MaskedMultiTaskLoss, MultiHeadNet
 from dstmtl.study import StudyTask
 from dstmtl.study.config import METRICS, higher_is_better
-from dstmtl.study.evaluation import Targets, evaluate
+from dstmtl.study.evaluation import evaluate
 
 nan = math.nan
 
@@ -42,7 +42,7 @@ def fixed(outputs: dict[str, Tensor]) -> tuple[MultiHeadNet, Tensor]:
 
 def run(
     outputs: dict[str, Tensor],
-    targets: Targets,
+    targets: Tensor | dict[str, Tensor],
     tasks: dict[str, StudyTask],
 ) -> dict[str, dict[str, float]]:
     net, inputs = fixed(outputs)

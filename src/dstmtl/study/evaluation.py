@@ -44,17 +44,17 @@ from torch import Tensor, nn
 from dstmtl.loss import MaskedMultiTaskLoss
 from dstmtl.study.config import METRICS, StudyTask
 
-__all__ = ["Targets", "evaluate"]
+__all__ = ["evaluate"]
 
-Targets = Tensor | Mapping[str, Tensor]
-"""One ``[B, K]`` tensor (column j is task j) or ``{task: target}``, as the loss takes them."""
+# One [B, K] tensor (column j is task j) or {task: target}, as the loss takes them.
+_Targets = Tensor | Mapping[str, Tensor]
 
 _MISSING_CLASS = -1
 
 
 def evaluate(
     model: nn.Module,
-    batches: Iterable[tuple[Tensor, Targets]],
+    batches: Iterable[tuple[Tensor, _Targets]],
     tasks: Mapping[str, StudyTask],
     loss_fn: MaskedMultiTaskLoss,
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
@@ -178,7 +178,7 @@ def _metrics(kind: str, counts: Tensor) -> dict[str, float]:
     return {"accuracy": accuracy, "miou": float((hits[present] / unions[present]).mean())}
 
 
-def _columns(targets: Targets, names: list[str]) -> Mapping[str, Tensor]:
+def _columns(targets: _Targets, names: list[str]) -> Mapping[str, Tensor]:
     # The loss has checked the columns or the names already.
     if isinstance(targets, Tensor):
         return {name: targets[:, j] for j, name in enumerate(names)}
