@@ -47,6 +47,7 @@ def _worker(rank: int, directory: str, port: int, methods: tuple[str, ...]) -> N
         learning_rate=0.01,
     )
     data = (_data(0, 64), _data(1, 32), _data(2, 32))
+    outcome: dict[str, object]
     try:
         results = run_study(config, _model, *data, Path(directory) / "out", progress=False)
         outcome = {"test": {name: run["test"] for name, run in results["runs"].items()}}

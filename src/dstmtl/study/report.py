@@ -1,22 +1,44 @@
-"""The statistics over seeds and the report files: ``metrics.json``, ``results.md`` and
-``scores.png``. Matplotlib is imported only to draw the figure."""
+"""The statistics over seeds and the report files.
+
+:func:`write_report` writes ``metrics.json`` (every record), ``results.md`` and PNG figures:
+``scores.png`` (each task's test score per method over seeds, with the majority-class
+accuracy where the harness measured it), and per run ``training_loss_<run>.png`` and, for a
+run of a method that drops tasks, ``keep_probabilities_<run>.png``. :func:`summary` is the
+few lines printed at the end of a study.
+
+Matplotlib is imported only to draw, on :class:`~matplotlib.figure.Figure` objects with the
+Agg canvas rather than through ``pyplot``: no global backend switch in the importing
+process and no figure left open between calls.
+"""
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import io
 import json
 import math
-from collections.abc import Mapping
+import re
+import shlex
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from dstmtl.study._atomic import write_bytes
 from dstmtl.study.config import StudyConfig, higher_is_better
 from dstmtl.study.records import RunResult, StudyResults
 from dstmtl.study.statistics import compare_paired, delta_m, mean_ranks, summarize
 
-__all__ = ["statistics", "write_report"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["statistics", "summary", "write_report"]
+
+_DPI = 120
+_SCORES = "scores.png"
+_SUMMARY_TASKS = 20
+_Colour = tuple[float, float, float, float]
+_Field = Literal["train_loss", "keep_probabilities"]
 
 
 def statistics(results: StudyResults, config: StudyConfig) -> dict[str, Any]:
@@ -72,23 +94,83 @@ def statistics(results: StudyResults, config: StudyConfig) -> dict[str, Any]:
 
 
 def write_report(results: StudyResults, config: StudyConfig, out: Path) -> list[Path]:
-    """Write ``metrics.json``, ``results.md`` and ``scores.png`` atomically into ``out``."""
-    json_path, markdown_path, figure_path = (
-        out / "metrics.json",
-        out / "results.md",
-        out / "scores.png",
-    )
+    """Write ``metrics.json``, ``results.md`` and the figures atomically into ``out``.
+
+    Returns the paths written: ``metrics.json``, ``results.md``, ``scores.png``, then each
+    run's figures.
+    """
+    paths = [out / "metrics.json", out / "results.md", out / _SCORES]
     text = json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n"
-    write_bytes(json_path, text.encode())
-    write_bytes(figure_path, _figure(results, config))
-    document = markdown(results, config) + f"\n![scores]({figure_path.name})\n"
-    write_bytes(markdown_path, document.encode())
-    return [json_path, markdown_path, figure_path]
+    write_bytes(paths[0], text.encode())
+    write_bytes(paths[2], _scores_figure(results, config))
+    tasks = list(config.tasks)
+    for name, run in results["runs"].items():
+        if not _has_own_epochs(run):
+            continue
+        for field in _figure_fields(run):
+            path = out / _figure_name(field, name)
+            write_bytes(path, _epochs_figure(run, name, tasks, field))
+            paths.append(path)
+    write_bytes(paths[1], _markdown(results, config).encode())
+    return paths
 
 
-def markdown(results: StudyResults, config: StudyConfig) -> str:
-    stats = results["statistics"]
-    tasks = {name: task.metric for name, task in config.tasks.items()}
+def summary(results: StudyResults, config: StudyConfig, *, out: Path | None = None) -> str:
+    """A few lines for the terminal at the end of a study: the best method per task (mean
+    over seeds), Δm% against the reference, the runs whose selected weights DST never
+    touched, and, with ``out``, the path of ``results.md``."""
+    stats = results["statistics"]["methods"]
+    reference = config.reference
+    lines = [
+        f"{len(config.methods)} methods x {len(config.seeds)} seeds, {config.epochs} epochs; "
+        f"test scores, mean over seeds (reference: {reference})"
+    ]
+    tasks = list(config.tasks.items())
+    for task, spec in tasks[:_SUMMARY_TASKS]:
+        means = {method: entry["tasks"][task]["mean"] for method, entry in stats.items()}
+        best = _best(means, higher_is_better(spec.metric))
+        text = f"  {task} {spec.metric} {_arrow(spec.metric)}: "
+        if best is None:
+            lines.append(text + "no finite score")
+            continue
+        text += f"best {best} {means[best]:.4f}"
+        if best != reference:
+            text += f", {reference} {means[reference]:.4f}"
+            if stats[best]["vs_reference"][task]["beyond_noise"]:
+                text += " (beyond seed noise)"
+        lines.append(text)
+    if len(tasks) > _SUMMARY_TASKS:
+        lines.append(f"  ... {len(tasks) - _SUMMARY_TASKS} more tasks in results.md")
+    lines.append(f"Δm% vs {reference} (lower is better):")
+    lines += [
+        f"  {method}: {_cell(entry['delta_m'], digits=2, interval=False)}"
+        for method, entry in stats.items()
+        if method != reference
+    ]
+    untouched = [name for name, run in results["runs"].items() if run["selected_before_first_drop"]]
+    if untouched:
+        lines.append(
+            "Selected before DST's first drop, so not a test of DST: " + ", ".join(untouched)
+        )
+    if out is not None:
+        lines.append(f"Report: {out / 'results.md'}")
+    return "\n".join(lines)
+
+
+def _markdown(results: StudyResults, config: StudyConfig) -> str:
+    sections = [
+        _header_section(results, config),
+        _sessions_section(results),
+        _scores_section(results, config),
+        _other_metrics_section(results, config),
+        _comparison_section(results, config),
+        _drops_section(results, config),
+        _runs_section(results, config),
+    ]
+    return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def _header_section(results: StudyResults, config: StudyConfig) -> str:
     n = len(config.seeds)
     lines = [
         "# Multi-task study",
@@ -96,21 +178,149 @@ def markdown(results: StudyResults, config: StudyConfig) -> str:
         f"{len(config.methods)} methods x {n} seeds ({', '.join(map(str, config.seeds))}), "
         f"{config.epochs} epochs, batch {config.batch_size}, Adam lr {config.learning_rate}; "
         f"epoch selected on validation ({config.selection}), test evaluated once.",
-        "",
-        "## Test scores over seeds",
-        "",
-        f"Mean ± standard deviation over the {n} seeds, and the 95% Student-t interval of "
-        "the mean. Arrows: ↑ higher is better, ↓ lower.",
-        "",
-        "| method | " + " | ".join(f"{t} {m} {_arrow(m)}" for t, m in tasks.items()) + " |",
-        "|---" * (len(tasks) + 1) + "|",
     ]
-    for method, entry in stats["methods"].items():
-        cells = [_cell(entry["tasks"][task]) for task in tasks]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"## Against {config.reference}",
+    # Studies recorded before the harness kept the caller's description have no "info".
+    described = {**results.get("info", {}), "environment": results["environment"]}
+    lines += ["", *(f"- {key}: {_value(value)}" for key, value in described.items())]
+    return "\n".join(lines)
+
+
+def _sessions_section(results: StudyResults) -> str:
+    sessions = results.get("sessions", [])
+    if not sessions:
+        return "## Sessions\n\nNo session was recorded."
+    rows = []
+    for index, session in enumerate(sessions, start=1):
+        hardware = session["hardware"]
+        gpus = f", {hardware['gpus']} GPU(s)" if hardware["gpus"] else ""
+        rows.append(
+            [
+                str(index),
+                session["started"],
+                session["finished"] or "not finished",
+                f"`{shlex.join(session['launcher'])}`",
+                str(session["world_size"]),
+                str(session["effective_batch_size"]),
+                f"{hardware['device']} ({hardware['device_name']}){gpus}",
+                hardware["cpu"],
+                _load(session["load_at_start"]),
+                _load(session["load_at_end"]),
+            ]
+        )
+    header = [
+        "#",
+        "started",
+        "finished",
+        "launcher",
+        "processes",
+        "effective batch",
+        "device",
+        "CPU",
+        "load at start",
+        "load at end",
+    ]
+    commands = [
+        f"{index}. `{shlex.join([*session['launcher'], *session['argv']])}`"
+        for index, session in enumerate(sessions, 1)
+    ]
+    return (
+        "## Sessions\n\nEach start of the study, the first and every resume: how the processes "
+        "were launched, their number, the batch of one optimizer step over all of them, and "
+        "the host's 1, 5 and 15-minute load averages.\n\n"
+        + _table(header, rows)
+        + "\n\nCommands:\n\n"
+        + "\n".join(commands)
+    )
+
+
+def _scores_section(results: StudyResults, config: StudyConfig) -> str:
+    stats = results["statistics"]["methods"]
+    tasks = config.tasks
+    n = len(config.seeds)
+    columns = {
+        task: _bold_best(
+            {method: entry["tasks"][task] for method, entry in stats.items()},
+            higher_is_better(spec.metric),
+        )
+        for task, spec in tasks.items()
+    }
+    rows = [[method, *(columns[task][method] for task in tasks)] for method in stats]
+    majority = _majority(results, config)
+    if majority:
+        rows.append(
+            ["majority class", *(_number(majority[t]) if t in majority else "-" for t in tasks)]
+        )
+    header = [
+        "method",
+        *(f"{task} {spec.metric} {_arrow(spec.metric)}" for task, spec in tasks.items()),
+    ]
+    note = (
+        f"Mean ± standard deviation over the {n} seeds, and the 95% Student-t interval of the "
+        "mean; **bold**: the best mean per task. Arrows: ↑ higher is better, ↓ lower."
+    )
+    if majority:
+        note += (
+            " Majority class: the test accuracy of always predicting the class most frequent "
+            "in training, the level a model must beat."
+        )
+    return f"## Test scores over seeds\n\n{note}\n\n{_table(header, rows)}\n\n![scores]({_SCORES})"
+
+
+def _other_metrics_section(results: StudyResults, config: StudyConfig) -> str:
+    runs = results["runs"]
+    rows = []
+    for task, spec in config.tasks.items():
+        first = runs[f"{config.methods[0]}/seed{config.seeds[0]}"]["test"][task]
+        for metric in (m for m in first if m != spec.metric):
+            summaries = {
+                method: _summary(
+                    [runs[f"{method}/seed{seed}"]["test"][task][metric] for seed in config.seeds]
+                )
+                for method in config.methods
+            }
+            cells = _bold_best(summaries, higher_is_better(metric), interval=False)
+            rows.append([task, f"{metric} {_arrow(metric)}", *cells.values()])
+    if not rows:
+        return ""
+    return (
+        "## Other metrics\n\nThe metrics that select no epoch and enter no comparison, mean ± "
+        "standard deviation over seeds; **bold**: the best mean.\n\n"
+        + _table(["task", "metric", *config.methods], rows)
+    )
+
+
+def _comparison_section(results: StudyResults, config: StudyConfig) -> str:
+    stats = results["statistics"]["methods"]
+    tasks = list(config.tasks)
+    reference = config.reference
+    rows = []
+    marked = False
+    for method, entry in stats.items():
+        if method == reference:
+            cells = ["reference"] * len(tasks)
+        else:
+            cells = [_comparison_cell(entry["vs_reference"][task]) for task in tasks]
+        equal_weight = sum(
+            _equal_weight_model(results["runs"][f"{method}/seed{seed}"]) for seed in config.seeds
+        )
+        label = method
+        if equal_weight:
+            label += f" † ({equal_weight}/{len(config.seeds)} seeds)"
+            marked = True
+        rank = entry["mean_rank"]
+        rows.append(
+            [
+                label,
+                *cells,
+                _cell(entry["delta_m"], digits=2),
+                "-" if rank is None else f"{rank:.2f}",
+                _cell(entry["wall_seconds"], digits=1),
+                _memory(entry["peak_memory_bytes"]),
+            ]
+        )
+    header = ["method", *tasks, "Δm%", "mean rank", "wall time (s)", "peak memory"]
+    lines = [
+        f"## Against {reference}",
         "",
         "Per task: the mean difference (method minus reference) with its 95% t-interval, the "
         "seeds won / lost, and the two-sided paired t-test's p-value; **bold** where p < 0.05, "
@@ -119,95 +329,388 @@ def markdown(results: StudyResults, config: StudyConfig) -> str:
         "the sign turned so that **lower is better** (negative: better than the reference), "
         "per seed, then summarised.",
         "",
-        "| method | " + " | ".join(tasks) + " | Δm% | mean rank | wall time (s) | peak memory |",
-        "|---" * (len(tasks) + 5) + "|",
+        _table(header, rows),
+        "",
+        "Wall time is not a cost comparison: it measures the host as much as the method, and "
+        "on a shared host it follows the load of other processes (see the load averages under "
+        "Sessions); compare it only between runs of one session on an otherwise idle host. "
+        "Peak memory is the accelerator's peak allocation (not measured on the CPU).",
     ]
-    for method, entry in stats["methods"].items():
-        if method == config.reference:
-            cells = ["reference"] * len(tasks)
-        else:
-            cells = [_comparison_cell(entry["vs_reference"][task]) for task in tasks]
-        rank = entry["mean_rank"]
-        lines.append(
-            f"| {method} | "
-            + " | ".join(cells)
-            + f" | {_cell(entry['delta_m'], digits=2)} | "
-            + ("-" if rank is None else f"{rank:.2f}")
-            + f" | {_cell(entry['wall_seconds'], digits=1)}"
-            + f" | {_memory(entry['peak_memory_bytes'])} |"
-        )
+    if marked:
+        lines += [
+            "",
+            "† In the seeds counted, the epoch selected on validation came before DST's first "
+            f"drop: there {_equal_weight_note(reference)} (see DST drops).",
+        ]
     if "stl" in config.methods:
         lines += ["", "Δm% against single-task models (`stl`):", ""]
         lines += [
             f"- {method}: {_cell(entry['delta_m_vs_stl'], digits=2)}"
-            for method, entry in stats["methods"].items()
+            for method, entry in stats.items()
             if "delta_m_vs_stl" in entry
         ]
-    load = results["environment"]
-    lines += [
-        "",
-        "Wall time measures the host as much as the method: on a shared host it follows the "
-        "load of other processes (load average at start "
-        f"{_load(load.get('load_at_start'))}, at end {_load(load.get('load_at_end'))}). "
-        "Peak memory is the accelerator's peak allocation (not measured on the CPU).",
-        "",
-        "## Runs",
-        "",
-        "Per run: the epoch selected on validation, the epochs in which DST dropped a task, "
-        "and whether the selected weights predate the first drop (then they are those of an "
-        "equal-weight run, and the comparison says nothing about DST).",
-        "",
-        "| run | selected epoch | epochs with a task dropped | first drop | note |",
-        "|---|---|---|---|---|",
+    return "\n".join(lines)
+
+
+def _drops_section(results: StudyResults, config: StudyConfig) -> str:
+    rows = []
+    for name, run in results["runs"].items():
+        if not _drops_tasks(run):
+            continue
+        first = run["first_drop_epoch"]
+        rows.append(
+            [
+                name,
+                str(run["dropping_epochs"]),
+                "none" if first is None else str(first),
+                str(run["selected_epoch"]),
+                "yes" if run["selected_before_first_drop"] else "no",
+                _before_drop_note(run, config.reference),
+            ]
+        )
+    if not rows:
+        return ""
+    header = [
+        "run",
+        "epochs with a task dropped",
+        "first drop",
+        "selected epoch",
+        "selected before the first drop",
+        "note",
+    ]
+    return (
+        "## DST drops\n\nPer run of a method that drops tasks. DST keeps every task in its "
+        "first two epochs (the warm-up, then the epoch in which its first draw is computed) "
+        "and in its cool-down at the end, so it needs enough epochs for dropping to act, "
+        "and the epoch selected on validation must come after the first drop for the run "
+        "to say anything about DST.\n\n" + _table(header, rows)
+    )
+
+
+def _runs_section(results: StudyResults, config: StudyConfig) -> str:
+    tasks = list(config.tasks)
+    parts = [
+        "## Runs\n\nPer run and epoch: each task's mean training loss, the validation score "
+        "that selects the epoch (higher is better), the tasks left out of the epoch's "
+        "updates and the epoch's seconds. For runs that drop tasks, the keep probability "
+        "computed at the end of each epoch from its losses (the draw that decides the next "
+        "epoch uses it), marked (dropped) in the epochs whose updates left the task out, "
+        "and the terms DST combined into it at the last epoch."
     ]
     for name, run in results["runs"].items():
-        note = ""
-        if run["selected_before_first_drop"]:
-            note = (
-                "**DST dropped no task: an equal-weight run**"
-                if run["first_drop_epoch"] is None
-                else "**selected before the first drop: DST never acted on these weights**"
+        title = f"### {name}: {run['description']}"
+        if not _has_own_epochs(run):
+            parts.append(
+                f"{title}\n\nOne model per task: each task's epochs are those of its own "
+                "model, in its checkpoint."
             )
-        first = "-" if run["first_drop_epoch"] is None else str(run["first_drop_epoch"])
-        selected = "per task" if run["selected_epoch"] < 0 else str(run["selected_epoch"])
-        lines.append(f"| {name} | {selected} | {run['dropping_epochs']} | {first} | {note} |")
-    return "\n".join(lines) + "\n"
+            continue
+        blocks = [title, _epochs_table(run, tasks)]
+        if _drops_tasks(run):
+            blocks.append(_keep_probability_table(run, tasks))
+            blocks.append(_terms_table(run, tasks))
+        blocks += [
+            f"![{field.replace('_', ' ')} {name}]({_figure_name(field, name)})"
+            for field in _figure_fields(run)
+        ]
+        parts.append("\n\n".join(block for block in blocks if block))
+    return "\n\n".join(parts)
 
 
-def _figure(results: StudyResults, config: StudyConfig) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def _epochs_table(run: RunResult, tasks: list[str]) -> str:
+    drops = _drops_tasks(run)
+    rows = []
+    for record in run["epochs"]:
+        epoch = str(record["epoch"])
+        if record["epoch"] == run["selected_epoch"]:
+            epoch += " (selected)"
+        rows.append(
+            [
+                epoch,
+                *(_number(record["train_loss"].get(task)) for task in tasks),
+                _number(record["valid_score"]),
+                *([", ".join(record["dropped"]) or "-"] if drops else []),
+                f"{record['seconds']:.1f}",
+            ]
+        )
+    header = [
+        "epoch",
+        *(f"loss {task}" for task in tasks),
+        "valid score",
+        *(["dropped"] if drops else []),
+        "seconds",
+    ]
+    return _table(header, rows)
+
+
+def _keep_probability_table(run: RunResult, tasks: list[str]) -> str:
+    # Only the drops that an epoch applied are marked: the last epoch's draw applies to none.
+    rows = [
+        [
+            str(record["epoch"]),
+            *(
+                _number(record["keep_probabilities"].get(task))
+                + (" (dropped)" if task in record["dropped"] else "")
+                for task in tasks
+            ),
+        ]
+        for record in run["epochs"]
+    ]
+    return "Keep probabilities:\n\n" + _table(["epoch", *tasks], rows)
+
+
+def _terms_table(run: RunResult, tasks: list[str]) -> str:
+    # Records from before the harness kept the terms have none.
+    with_terms = [record for record in run["epochs"] if record.get("terms")]
+    if not with_terms:
+        return ""
+    record = with_terms[-1]
+    terms = record["terms"]
+    weights = record.get("loss_weights", {})
+    rows = [
+        [
+            task,
+            *(_number(values.get(task)) for values in terms.values()),
+            _number(record["keep_probabilities"].get(task)),
+            _number(weights.get(task)),
+        ]
+        for task in tasks
+    ]
+    header = ["task", *terms, "keep probability", "loss weight"]
+    return f"Terms at epoch {record['epoch']}:\n\n" + _table(header, rows)
+
+
+def _before_drop_note(run: RunResult, reference: str) -> str:
+    """For a run of a task-dropping method whose selected epoch came before its first drop,
+    what its test scores are; empty for any other run."""
+    if not run["selected_before_first_drop"]:
+        return ""
+    when = (
+        "DST dropped no task"
+        if run["first_drop_epoch"] is None
+        else "selected before the first drop"
+    )
+    if _equal_weight_model(run):
+        return f"**{when}: {_equal_weight_note(reference)}**"
+    return f"**{when}: no drop acted on these weights, but DST's loss weights did**"
+
+
+def _equal_weight_model(run: RunResult) -> bool:
+    """Whether a run's selected weights are an equal-weight model's: selected before DST's
+    first drop, with every loss weight 1 until then."""
+    return run["selected_before_first_drop"] and all(
+        weight == 1.0
+        for record in run["epochs"]
+        # The weights recorded at the end of an epoch act on the next one.
+        if record["epoch"] < run["selected_epoch"]
+        for weight in record.get("loss_weights", {}).values()
+    )
+
+
+def _equal_weight_note(reference: str) -> str:
+    against = (
+        "two equal-weight models"
+        if reference == "equal"
+        else f"an equal-weight model with {reference}"
+    )
+    return f"its test scores are an equal-weight model's, and Δ vs {reference} compares {against}"
+
+
+def _scores_figure(results: StudyResults, config: StudyConfig) -> bytes:
     from matplotlib.figure import Figure
 
     stats = results["statistics"]["methods"]
-    tasks = {name: task.metric for name, task in config.tasks.items()}
-    methods = list(stats)
-    figure = Figure(figsize=(max(6.0, 1.2 * len(tasks) * max(1, len(methods)) / 2), 4))
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(tasks), squeeze=False)[0]
-    # tab20 has 20 distinct colours: no two methods share one up to 20 methods.
-    colours = [f"C{i}" if len(methods) <= 10 else _tab20(i) for i in range(len(methods))]
-    for axis, (task, metric) in zip(axes, tasks.items(), strict=True):
-        for i, method in enumerate(methods):
-            summary = stats[method]["tasks"][task]
-            mean = summary["mean"]
-            error = None
-            if summary["high"] is not None and math.isfinite(summary["high"]):
-                error = [[mean - summary["low"]], [summary["high"] - mean]]
-            axis.bar(i, mean, yerr=error, color=colours[i], capsize=3, label=method)
+    runs = results["runs"]
+    methods = list(config.methods)
+    majority = _majority(results, config)
+    colours = _colours(len(methods))
+    columns = min(len(config.tasks), 4)
+    rows = -(-len(config.tasks) // columns)
+    width = max(3.5, 0.45 * len(methods) + 1.5)
+    figure = Figure(figsize=(columns * width, rows * 3.8 + 0.6))
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for axis, (task, spec) in zip(axes, config.tasks.items(), strict=False):
+        for index, method in enumerate(methods):
+            seeds = [
+                runs[f"{method}/seed{seed}"]["test"][task][spec.metric] for seed in config.seeds
+            ]
+            axis.plot([index] * len(seeds), seeds, ".", color=colours[index], alpha=0.4)
+            task_summary = stats[method]["tasks"][task]
+            mean, low, high = task_summary["mean"], task_summary["low"], task_summary["high"]
+            if not math.isfinite(mean):
+                continue
+            error = [[mean - low], [high - mean]] if math.isfinite(high) else None
+            axis.errorbar(index, mean, yerr=error, fmt="o", color=colours[index], capsize=4)
+        if task in majority:
+            axis.axhline(
+                majority[task], color="black", linestyle="--", linewidth=1, label="majority class"
+            )
+            axis.legend(loc="best", fontsize="small")
         axis.set_xticks(range(len(methods)), methods, rotation=45, ha="right")
-        axis.set_title(f"{task} ({metric} {_arrow(metric)})")
-    axes[0].set_ylabel("test score, mean and 95% interval over seeds")
+        axis.set_title(f"{task} ({spec.metric} {_arrow(spec.metric)})")
+        axis.grid(axis="y", alpha=0.3)
+    for axis in axes[len(config.tasks) :]:
+        axis.set_visible(False)
+    figure.suptitle(
+        "Test scores: mean and 95% interval over seeds (dots: single seeds); "
+        "the y axes do not start at 0"
+    )
+    return _png(figure)
+
+
+def _epochs_figure(run: RunResult, name: str, tasks: list[str], field: _Field) -> bytes:
+    """One run's per-task ``train_loss`` or ``keep_probabilities`` against the epoch, with
+    a cross on each epoch whose updates left the task out."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    records = run["epochs"]
+    epochs = [record["epoch"] for record in records]
+    keep = field == "keep_probabilities"
+    # Keep probabilities are often equal (all 1 before the first draw): offset so that no
+    # line hides another, by at most ±0.02.
+    step = min(0.01, 0.04 / (len(tasks) - 1)) if keep and len(tasks) > 1 else 0.0
+    legend_columns = 1 + (len(tasks) - 1) // 20
+    figure = Figure(figsize=(7.5 + 2.5 * (legend_columns - 1), 4.5))
+    axis = figure.add_subplot()
+    colours = _colours(len(tasks))
+    for index, task in enumerate(tasks):
+        offset = (index - (len(tasks) - 1) / 2) * step
+        values = [_as_float(record[field].get(task)) + offset for record in records]
+        style = ("-", "--", "-.", ":")[index % 4]
+        axis.plot(epochs, values, style, marker="o", markersize=3, color=colours[index], label=task)
+        dropped = [i for i, record in enumerate(records) if task in record["dropped"]]
+        axis.plot(
+            [epochs[i] for i in dropped],
+            [values[i] for i in dropped],
+            "x",
+            markersize=9,
+            markeredgewidth=2,
+            color=colours[index],
+        )
+    if any(record["dropped"] for record in records):
+        axis.plot([], [], "x", color="black", label="dropped that epoch")
+    if run["selected_epoch"] >= 0:
+        axis.axvline(run["selected_epoch"], color="grey", linestyle=":", label="selected epoch")
+    if keep:
+        axis.set_ylim(-0.05, 1.05 + 0.02)
+        axis.set_ylabel("keep probability (lines offset by up to ±0.02)")
+        title = "Keep probability at the end of each epoch"
+    else:
+        axis.set_ylabel("training loss, epoch mean")
+        title = "Training loss per task"
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel("epoch")
+    axis.set_title(f"{title}: {name}")
+    axis.grid(alpha=0.3)
+    axis.legend(
+        loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", ncols=legend_columns
+    )
+    return _png(figure)
+
+
+def _png(figure: Figure) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
     figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
+    # "tight" keeps a legend placed outside the axes inside the image.
+    figure.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
     return buffer.getvalue()
 
 
-def _tab20(index: int) -> tuple[float, float, float, float]:
+def _colours(count: int) -> list[_Colour]:
+    """``count`` distinct colours, so that no two methods (or tasks) share one: tab20's ten
+    dark colours (matplotlib's default cycle), then its ten light ones, and beyond 20
+    evenly spaced hues, alternately dark and light."""
+    if count > 20:
+        return [
+            (*colorsys.hsv_to_rgb(i / count, 0.8, 0.9 if i % 2 else 0.6), 1.0) for i in range(count)
+        ]
     from matplotlib import colormaps
 
-    colour: tuple[float, float, float, float] = colormaps["tab20"](index % 20)
-    return colour
+    tab20 = colormaps["tab20"]
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return [tab20(order[i]) for i in range(count)]
+
+
+def _figure_fields(run: RunResult) -> list[_Field]:
+    """The per-epoch series drawn for a run: its training losses, and its keep
+    probabilities when it drops tasks."""
+    return ["train_loss", "keep_probabilities"] if _drops_tasks(run) else ["train_loss"]
+
+
+def _figure_name(field: _Field, run_name: str) -> str:
+    kind = "training_loss" if field == "train_loss" else field
+    # Run names are "<method>/seed<seed>"; method names come from the command line.
+    return f"{kind}_{re.sub(r'[^A-Za-z0-9._+-]', '-', run_name)}.png"
+
+
+def _drops_tasks(run: RunResult) -> bool:
+    """Whether the run's method drops tasks: its epochs record DST's terms (older records
+    have none), or its drop fields say so."""
+    return (
+        run["first_drop_epoch"] is not None
+        or run["selected_before_first_drop"]
+        or any(record.get("terms") for record in run["epochs"])
+    )
+
+
+def _has_own_epochs(run: RunResult) -> bool:
+    """False for the merged single-task (``stl``) run, whose epochs are one per task's model
+    and select no epoch of their own."""
+    return run["selected_epoch"] >= 0
+
+
+def _majority(results: StudyResults, config: StudyConfig) -> dict[str, float]:
+    """The majority-class test accuracy of each task judged by accuracy, where measured
+    (studies recorded before the harness measured it have none)."""
+    measured = results.get("baselines", {}).get("majority", {})
+    return {
+        task: measured[task]
+        for task, spec in config.tasks.items()
+        if spec.metric == "accuracy" and task in measured
+    }
+
+
+def _best(means: Mapping[str, float], higher: bool) -> str | None:
+    """The name with the best finite mean, ``None`` when none is finite."""
+    finite = {name: mean for name, mean in means.items() if math.isfinite(mean)}
+    if not finite:
+        return None
+    return (max if higher else min)(finite, key=finite.__getitem__)
+
+
+def _bold_best(
+    summaries: Mapping[str, Mapping[str, Any]], higher: bool, *, interval: bool = True
+) -> dict[str, str]:
+    """Each summary as a cell, the best means in bold (a single method has nothing to beat)."""
+    means = {name: summary["mean"] for name, summary in summaries.items()}
+    best = _best(means, higher) if len(means) > 1 else None
+    cells = {}
+    for name, summary in summaries.items():
+        cell = _cell(summary, interval=interval)
+        cells[name] = f"**{cell}**" if best is not None and means[name] == means[best] else cell
+    return cells
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join(
+        "| " + " | ".join(cell.replace("|", r"\|") for cell in line) + " |" for line in lines
+    )
+
+
+def _value(value: Any) -> str:
+    """A JSON value of the caller's description as short text."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{key} {_value(item)}" for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(_value, value))
+    return str(value)
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -253,12 +756,14 @@ def _arrow(metric: str) -> str:
     return "↑" if higher_is_better(metric) else "↓"
 
 
-def _cell(summary: Mapping[str, Any], digits: int = 4) -> str:
+def _cell(summary: Mapping[str, Any], digits: int = 4, *, interval: bool = True) -> str:
     mean, std = summary["mean"], summary["std"]
     if mean is None or not math.isfinite(mean):
         return "-"
     if std is None or not math.isfinite(std):
         return f"{mean:.{digits}f}"
+    if not interval:
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
     low, high = summary["low"], summary["high"]
     return f"{mean:.{digits}f} ± {std:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
@@ -278,7 +783,16 @@ def _memory(value: int | None) -> str:
 
 
 def _load(value: list[float] | None) -> str:
-    return "unknown" if value is None else "/".join(f"{v:.2f}" for v in value)
+    return "not recorded" if value is None else "/".join(f"{v:.2f}" for v in value)
+
+
+def _as_float(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _number(value: float | None) -> str:
+    number = _as_float(value)
+    return f"{number:.4f}" if math.isfinite(number) else "n/a"
 
 
 def _json_safe(value: Any) -> Any:
