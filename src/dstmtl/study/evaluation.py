@@ -44,17 +44,19 @@ from torch import Tensor, nn
 from dstmtl.loss import MaskedMultiTaskLoss
 from dstmtl.study.config import METRICS, StudyTask
 
-__all__ = ["evaluate"]
+__all__ = ["Targets", "evaluate"]
 
-# One [B, K] tensor (column j is task j) or {task: target}, as the loss takes them.
-_Targets = Tensor | Mapping[str, Tensor]
+Targets = Tensor | Mapping[str, Tensor]
+"""The targets of a batch, ``[B, K]`` (one column per task, NaN = missing, a class index as a
+float), or ``{task: tensor}`` as :class:`~dstmtl.MaskedMultiTaskLoss` takes them (dense
+tasks)."""
 
 _MISSING_CLASS = -1
 
 
 def evaluate(
     model: nn.Module,
-    batches: Iterable[tuple[Tensor, _Targets]],
+    batches: Iterable[tuple[Tensor, Targets]],
     tasks: Mapping[str, StudyTask],
     loss_fn: MaskedMultiTaskLoss,
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
@@ -178,7 +180,7 @@ def _metrics(kind: str, counts: Tensor) -> dict[str, float]:
     return {"accuracy": accuracy, "miou": float((hits[present] / unions[present]).mean())}
 
 
-def _columns(targets: _Targets, names: list[str]) -> Mapping[str, Tensor]:
+def _columns(targets: Targets, names: list[str]) -> Mapping[str, Tensor]:
     # The loss has checked the columns or the names already.
     if isinstance(targets, Tensor):
         return {name: targets[:, j] for j, name in enumerate(names)}

@@ -6,7 +6,7 @@ accuracy where the harness measured it), and per run ``training_loss_<run>.png``
 run of a method that drops tasks, ``keep_probabilities_<run>.png``. :func:`summary` is the
 few lines printed at the end of a study.
 
-Matplotlib is imported only to draw, on :class:`~matplotlib.figure.Figure` objects with the
+Matplotlib is imported only to draw, on ``matplotlib.figure.Figure`` objects with the
 Agg canvas rather than through ``pyplot``: no global backend switch in the importing
 process and no figure left open between calls.
 """
