@@ -229,11 +229,11 @@ def test_drops_section_counts_the_drops_and_says_which_run_is_an_equal_weight_mo
 ) -> None:
     _, markdown = written
     drops = section(markdown, "## DST drops")
-    assert row(drops, "dst/seed0") == ["2", "2", "3", "no", ""]
+    assert row(drops, "dst/seed0") == ["2", "3", "4", "no", ""]  # epochs from 1
     assert row(drops, "dst/seed1") == [
         "1",
-        "3",
-        "1",
+        "4",
+        "2",
         "yes",
         "**selected before the first drop: its test scores are an equal-weight model's, and "
         "Δ vs equal compares two equal-weight models**",
@@ -258,15 +258,15 @@ def test_keep_probabilities_mark_only_the_drops_an_epoch_applied(
     _, markdown = written
     run = section(markdown, "### dst/seed0: the dst method")
     keep = run[run.index("Keep probabilities:") : run.index("Terms at epoch")]
-    assert row(keep, "1") == ["0.9000", "0.4000"]
-    assert row(keep, "2") == ["0.3000", "0.8000 (dropped)"]
-    assert row(keep, "3") == ["0.7000 (dropped)", "0.6000"]
+    assert row(keep, "2") == ["0.9000", "0.4000"]  # epoch index 1
+    assert row(keep, "3") == ["0.3000", "0.8000 (dropped)"]
+    assert row(keep, "4") == ["0.7000 (dropped)", "0.6000"]
     # The last epoch's draw turned "flag" off, but the run ended before any epoch applied it.
-    assert row(keep, "4") == ["0.2000", "0.5000"]
+    assert row(keep, "5") == ["0.2000", "0.5000"]
     assert keep.count("(dropped)") == 2
     epochs = run[: run.index("Keep probabilities:")]
-    assert row(epochs, "3 (selected)") == ["0.4000", "1.4000", "0.3000", "flag", "13.0"]
-    assert row(epochs, "4")[-2:] == ["-", "14.0"]
+    assert row(epochs, "4 (selected)") == ["0.4000", "1.4000", "0.3000", "flag", "13.0"]
+    assert row(epochs, "5")[-2:] == ["-", "14.0"]
 
 
 def test_terms_table_shows_the_last_epochs_terms_keep_probability_and_loss_weight(
@@ -274,7 +274,7 @@ def test_terms_table_shows_the_last_epochs_terms_keep_probability_and_loss_weigh
 ) -> None:
     _, markdown = written
     run = section(markdown, "### dst/seed0: the dst method")
-    terms = run[run.index("Terms at epoch 4:") :]
+    terms = run[run.index("Terms at epoch 5:") :]
     assert "| task | incompleteness | depth | keep probability | loss weight |" in terms
     assert row(terms, "flag") == ["0.2500", "0.5000", "0.2000", "1.0000"]
     assert row(terms, "size") == ["0.7500", "1.0000", "0.5000", "1.0000"]

@@ -13,13 +13,16 @@ from dstmtl.task import TaskKind
 
 __all__ = ["METRICS", "StudyConfig", "StudyError", "StudyTask", "higher_is_better", "parse_seeds"]
 
-# The evaluation metrics of each kind of task, the first being the default.
 METRICS: dict[str, tuple[str, ...]] = {
     "binary": ("accuracy", "balanced_accuracy", "f1"),
-    "multiclass": ("accuracy",),
+    "multiclass": ("accuracy", "miou"),
     "regression": ("mae", "rmse"),
 }
-"""The evaluation metrics of each task kind; the first is the default for model selection."""
+"""The evaluation metrics of each task kind; the first is the default for model selection.
+
+Counted over every labelled element (pixel, for a dense task); see
+:mod:`dstmtl.study.evaluation` for their definitions.
+"""
 _LOWER_IS_BETTER = frozenset({"mae", "rmse"})
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sized
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias, TypeVar, Union, cast
+from typing import Any, Protocol, TypeVar, Union, cast
 
 import torch
 import torch.distributed as dist
@@ -37,22 +37,17 @@ from dstmtl.multihead import MultiHeadNet
 from dstmtl.study._atomic import replacing, write_bytes
 from dstmtl.study._errors import StudyError
 from dstmtl.study.config import StudyConfig, higher_is_better
-from dstmtl.study.evaluation import evaluate
+from dstmtl.study.evaluation import Targets, evaluate
 from dstmtl.study.methods import Method, is_single_task, needs_one_process
 from dstmtl.study.records import EpochRecord, Hardware, RunResult, Session, StudyResults
 
-__all__ = ["BatchSource", "Data", "Targets", "batches", "run_study"]
+__all__ = ["BatchSource", "Data", "batches", "run_study"]
 
 _STUDY_FILE = "study.json"
 _SESSIONS_FILE = "sessions.json"
 # 2: the methods' checkpoints hold their own loss sums (no scheduler for non-DST methods).
 _FORMAT = 2
 _T = TypeVar("_T")
-
-Targets: TypeAlias = Tensor | Mapping[str, Tensor]
-"""A batch's targets: ``[B, K]`` (one column per task, NaN = missing, a class index as a
-float), or ``{task: tensor}`` as :class:`~dstmtl.MaskedMultiTaskLoss` takes them (dense
-tasks)."""
 
 
 class BatchSource(Protocol):
@@ -171,9 +166,10 @@ def run_study(
     Args:
         config: The study.
         model_factory: Builds a fresh :class:`~dstmtl.MultiHeadNet` with one head per task.
-        train, valid, test: Datasets of ``(input, target)`` samples (see :data:`Targets`),
-            batched here with ``config.batch_size`` (training shuffled by seed and epoch),
-            or batch sources (see :class:`BatchSource`).
+        train, valid, test: Datasets of ``(input, target)`` samples (see
+            :data:`~dstmtl.study.evaluation.Targets`), batched here with
+            ``config.batch_size`` (training shuffled by seed and epoch), or batch sources
+            (see :class:`BatchSource`).
         out: The study's folder (``study.json``, ``sessions.json``, ``checkpoints/``,
             ``metrics.json``, ``results.md``, figures).
         device: Where to train; CUDA when available by default (under torchrun, the GPU of

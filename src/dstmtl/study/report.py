@@ -6,7 +6,7 @@ accuracy where the harness measured it), and per run ``training_loss_<run>.png``
 run of a method that drops tasks, ``keep_probabilities_<run>.png``. :func:`summary` is the
 few lines printed at the end of a study.
 
-Matplotlib is imported only to draw, on :class:`~matplotlib.figure.Figure` objects with the
+Matplotlib is imported only to draw, on ``matplotlib.figure.Figure`` objects with the
 Agg canvas rather than through ``pyplot``: no global backend switch in the importing
 process and no figure left open between calls.
 """
@@ -362,8 +362,8 @@ def _drops_section(results: StudyResults, config: StudyConfig) -> str:
             [
                 name,
                 str(run["dropping_epochs"]),
-                "none" if first is None else str(first),
-                str(run["selected_epoch"]),
+                "none" if first is None else _epoch(first),
+                _epoch(run["selected_epoch"]),
                 "yes" if run["selected_before_first_drop"] else "no",
                 _before_drop_note(run, config.reference),
             ]
@@ -390,7 +390,8 @@ def _drops_section(results: StudyResults, config: StudyConfig) -> str:
 def _runs_section(results: StudyResults, config: StudyConfig) -> str:
     tasks = list(config.tasks)
     parts = [
-        "## Runs\n\nPer run and epoch: each task's mean training loss, the validation score "
+        "## Runs\n\nPer run and epoch (numbered from 1, as in the log): each task's mean "
+        "training loss, the validation score "
         "that selects the epoch (higher is better), the tasks left out of the epoch's "
         "updates and the epoch's seconds. For runs that drop tasks, the keep probability "
         "computed at the end of each epoch from its losses (the draw that decides the next "
@@ -417,11 +418,16 @@ def _runs_section(results: StudyResults, config: StudyConfig) -> str:
     return "\n\n".join(parts)
 
 
+def _epoch(index: int) -> str:
+    """An epoch as the log names it: numbered from 1."""
+    return str(index + 1)
+
+
 def _epochs_table(run: RunResult, tasks: list[str]) -> str:
     drops = _drops_tasks(run)
     rows = []
     for record in run["epochs"]:
-        epoch = str(record["epoch"])
+        epoch = _epoch(record["epoch"])
         if record["epoch"] == run["selected_epoch"]:
             epoch += " (selected)"
         rows.append(
@@ -447,7 +453,7 @@ def _keep_probability_table(run: RunResult, tasks: list[str]) -> str:
     # Only the drops that an epoch applied are marked: the last epoch's draw applies to none.
     rows = [
         [
-            str(record["epoch"]),
+            _epoch(record["epoch"]),
             *(
                 _number(record["keep_probabilities"].get(task))
                 + (" (dropped)" if task in record["dropped"] else "")
@@ -477,7 +483,7 @@ def _terms_table(run: RunResult, tasks: list[str]) -> str:
         for task in tasks
     ]
     header = ["task", *terms, "keep probability", "loss weight"]
-    return f"Terms at epoch {record['epoch']}:\n\n" + _table(header, rows)
+    return f"Terms at epoch {_epoch(record['epoch'])}:\n\n" + _table(header, rows)
 
 
 def _before_drop_note(run: RunResult, reference: str) -> str:
@@ -565,7 +571,7 @@ def _epochs_figure(run: RunResult, name: str, tasks: list[str], field: _Field) -
     from matplotlib.ticker import MaxNLocator
 
     records = run["epochs"]
-    epochs = [record["epoch"] for record in records]
+    epochs = [record["epoch"] + 1 for record in records]
     keep = field == "keep_probabilities"
     # Keep probabilities are often equal (all 1 before the first draw): offset so that no
     # line hides another, by at most ±0.02.
@@ -591,7 +597,7 @@ def _epochs_figure(run: RunResult, name: str, tasks: list[str], field: _Field) -
     if any(record["dropped"] for record in records):
         axis.plot([], [], "x", color="black", label="dropped that epoch")
     if run["selected_epoch"] >= 0:
-        axis.axvline(run["selected_epoch"], color="grey", linestyle=":", label="selected epoch")
+        axis.axvline(run["selected_epoch"] + 1, color="grey", linestyle=":", label="selected epoch")
     if keep:
         axis.set_ylim(-0.05, 1.05 + 0.02)
         axis.set_ylabel("keep probability (lines offset by up to ±0.02)")

@@ -1,14 +1,13 @@
 """MultiMNIST study: every method x every seed on two-digit images (left and right digit).
 
-    python examples/multimnist/multimnist.py --root /data            # MNIST/raw under /data
-    python examples/multimnist/multimnist.py --root /data --download # fetch it first
-    python examples/multimnist/multimnist.py --root /data --methods equal,dst --seeds 3
+    python examples/multimnist/run.py --root /data            # MNIST/raw under /data
+    python examples/multimnist/run.py --root /data --download # fetch it first
+    python examples/multimnist/run.py --root /data --methods equal,dst --seeds 3
 
 The images follow Sener and Koltun (NeurIPS 2018), see multimnist_data.py; the model is the
 LeNet-style encoder of that line of work (``--model resnet18`` for ResNet18). The study is
-``dstmtl.study.run_study``: ``--out`` receives study.json, metrics.json, results.md and
-scores.png (docs/study.md). The script is not named run.py: the CelebA example's run.py
-shares mypy's and the tests' module path.
+``dstmtl.study.run_study``: ``--out`` receives study.json, sessions.json, metrics.json,
+results.md and the figures (docs/study.md).
 """
 
 from __future__ import annotations
