@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import shlex
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +28,7 @@ from demo_data import generate_demo_celeba
 
 from dstmtl import MultiHeadNet
 from dstmtl.study import StudyError, run_study
+from dstmtl.study.harness import Processes, join_processes
 from dstmtl.study.report import summary
 
 __all__ = ["build_model", "run"]
@@ -37,17 +36,19 @@ __all__ = ["build_model", "run"]
 _T = TypeVar("_T")
 
 
-def run(args: argparse.Namespace) -> int:
-    """The study of the parsed command line; the exit status."""
-    started_group = _join_processes()
+def run(args: argparse.Namespace, command: Sequence[str]) -> int:
+    """The study of the parsed command line ``command``; the exit status."""
+    # Joined now (run_study then uses the same group), so that the first process alone
+    # generates the demo data and builds the cache.
+    processes, joined = join_processes(args.device)
     try:
-        return _study(CelebARun.from_args(args))
+        return _study(CelebARun.from_args(args), processes, command)
     except (CelebAError, StudyError) as error:
-        if _rank() == 0:
+        if processes.first:
             print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        if started_group:
+        if joined:
             dist.destroy_process_group()
 
 
@@ -60,17 +61,14 @@ def build_model(
     return model.to(memory_format=torch.channels_last)
 
 
-def _study(celeba: CelebARun) -> int:
-    rank = _rank()
-    device = _device(celeba.device)
-    out = _on_first_rank(lambda: celeba.default_out(_now("%Y%m%d-%H%M%S")))
+def _study(celeba: CelebARun, processes: Processes, command: Sequence[str]) -> int:
+    device = processes.device
+    out = processes.on_first(lambda: celeba.default_out(_now("%Y%m%d-%H%M%S")))
     root = celeba.data_root
-    _on_first_rank(lambda: _fetch(celeba, root))
+    processes.on_first(lambda: _fetch(celeba, root))
     files = locate(root)
     splits = load_splits(files, celeba.attributes)
     config = celeba.study_config(fingerprint(files))
-    if celeba.resume:
-        _check_same_data(out, config.extra["data_fingerprint"])
     # Also fails on missing weights before the data work.
     depths = build_model(celeba.protocol, celeba.attributes, celeba.weights).depths()
     sources = celeba_batches(
@@ -86,7 +84,7 @@ def _study(celeba: CelebARun) -> int:
         cache_dir=celeba.cache_dir,
         workers=celeba.workers,
         progress=celeba.progress,
-        first_rank=_on_first_rank,
+        first_rank=processes.on_first,
     )
     info = _info(celeba, root, splits, depths)
     try:
@@ -103,16 +101,17 @@ def _study(celeba: CelebARun) -> int:
             progress=celeba.progress,
             compile=celeba.compile,
             info=info,
+            command=command,
         )
     except KeyboardInterrupt:
-        if rank == 0:
+        if processes.first:
             print(
                 "\ninterrupted: every completed epoch is saved; to continue, run the same "
                 f"command with --resume --out {shlex.quote(str(out))}",
                 file=sys.stderr,
             )
         return 130  # the shell's status for a SIGINT
-    if rank == 0:
+    if processes.first:
         print(summary(results, config, out=out))
     return 0
 
@@ -144,25 +143,6 @@ def _download(root: Path) -> None:
         ) from error
 
 
-def _check_same_data(out: Path, now: Mapping[str, str]) -> None:
-    """Refuse a resume on changed label files, naming them (the harness would only say
-    that the configuration differs)."""
-    study_file = out / "study.json"
-    if not study_file.is_file():
-        return  # the harness says that there is no study to resume
-    saved = json.loads(study_file.read_text()).get("config", {}).get("extra", {})
-    before = saved.get("data_fingerprint", {})
-    changed = sorted(
-        name for name in before.keys() | now.keys() if before.get(name) != now.get(name)
-    )
-    if changed:
-        raise CelebAError(
-            f"the data changed since the study started ({', '.join(changed)}); its runs were "
-            "trained on the old files. Restore them to --resume, or start the study again "
-            "with --overwrite"
-        )
-
-
 def _info(
     celeba: CelebARun, root: Path, splits: Mapping[str, CelebASplit], depths: Mapping[str, int]
 ) -> dict[str, Any]:
@@ -185,66 +165,6 @@ def _info(
         "input": "uint8 cache" if celeba.cache else "JPEGs decoded every epoch (--no-cache)",
         "network_depth": dict(depths),
     }
-
-
-def _join_processes() -> bool:
-    """Under torchrun, join the process group now (the harness joins one that exists), so
-    that the first process alone generates the demo data and builds the cache."""
-    if _world_size() == 1 or dist.is_initialized():
-        return False
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    # Long timeout: the other processes wait while the first builds the image cache in a
-    # collective; NCCL's default 10-minute timeout would end the job meanwhile.
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
-    return True
-
-
-def _device(name: str | None) -> torch.device:
-    if _world_size() > 1:
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _on_first_rank(work: Callable[[], _T]) -> _T:
-    """Run ``work`` on rank 0 only; every rank gets its result, or raises its error.
-
-    Sharing any error keeps the other ranks from waiting forever for a rank that stopped.
-    """
-    outcome: list[tuple[bool, Any]] = [(True, None)]
-    failure: Exception | None = None
-    if _rank() == 0:
-        try:
-            outcome = [(True, work())]
-        except Exception as error:
-            failure = error
-            shared = error if isinstance(error, CelebAError) else f"rank 0 failed: {error!r}"
-            outcome = [(False, str(shared))]
-    if _world_size() > 1:
-        dist.broadcast_object_list(outcome, src=0)
-    if failure is not None:
-        raise failure
-    succeeded, value = outcome[0]
-    if not succeeded:
-        raise CelebAError(value)
-    result: _T = value
-    return result
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    if dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _now(fmt: str) -> str:

@@ -38,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    return celeba_study.run(args)
+    # The command that sessions.json records: this script and its arguments.
+    return celeba_study.run(args, [sys.argv[0] if argv is None else __file__, *arguments])
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ import socket
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.multiprocessing.spawn import spawn
 from torch.utils.data import TensorDataset
 
 from dstmtl import MultiHeadNet
 from dstmtl.study import StudyConfig, StudyError, StudyTask, run_study
+from dstmtl.study.harness import Processes
 
 
 def _data(seed: int, n: int) -> TensorDataset:
@@ -85,3 +87,27 @@ def test_methods_that_need_one_process_are_refused_under_torchrun(tmp_path: Path
         outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "methods ['uw'] keep state" in outcome["error"]
     assert not (tmp_path / "out").exists()
+
+
+def _fail_on_first(rank: int, directory: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{directory}/store", rank=rank, world_size=2
+    )
+    try:
+
+        def full_disk() -> None:
+            raise OSError(28, "No space left on device")
+
+        Processes(rank, 2, torch.device("cpu")).on_first(full_disk)
+    except Exception as error:
+        (Path(directory) / f"rank{rank}").write_text(f"{type(error).__name__}: {error}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_error_in_the_first_process_reaches_the_others(tmp_path: Path) -> None:
+    spawn(_fail_on_first, args=(str(tmp_path),), nprocs=2, join=True)
+    assert (tmp_path / "rank0").read_text() == "OSError: [Errno 28] No space left on device"
+    assert (tmp_path / "rank1").read_text() == (
+        "StudyError: the first process stopped: [Errno 28] No space left on device"
+    )

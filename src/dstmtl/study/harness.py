@@ -18,7 +18,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,7 @@ from dstmtl.study.evaluation import Targets, evaluate
 from dstmtl.study.methods import Method, is_single_task, needs_one_process
 from dstmtl.study.records import EpochRecord, Hardware, RunResult, Session, StudyResults
 
-__all__ = ["BatchSource", "Data", "batches", "run_study"]
+__all__ = ["BatchSource", "Data", "Processes", "batches", "join_processes", "run_study"]
 
 _STUDY_FILE = "study.json"
 _SESSIONS_FILE = "sessions.json"
@@ -110,8 +110,12 @@ def batches(
 
 
 @dataclass(frozen=True)
-class _Processes:
-    """This process's place among the torchrun processes (rank 0 of 1 without torchrun)."""
+class Processes:
+    """This process's place among torchrun's processes: rank 0 of 1 without torchrun.
+
+    Get it from :func:`join_processes`, to prepare data once (in the first process) before
+    :func:`run_study`, which then uses the same process group.
+    """
 
     rank: int
     world_size: int
@@ -119,23 +123,66 @@ class _Processes:
 
     @property
     def first(self) -> bool:
+        """Whether this is the first process, the one that writes files."""
         return self.rank == 0
 
     def on_first(self, work: Callable[[], _T]) -> _T:
-        """``work()`` in the first process; its result (or its StudyError) in every one."""
+        """``work()`` in the first process only, its result in every process.
+
+        An exception in the first process is raised there and, as a
+        :class:`~dstmtl.study.StudyError` with its message, in every other one, so that
+        none waits for a process that stopped.
+        """
         if self.world_size == 1:
             return work()
         box: list[Any] = [None, None]
+        failure: Exception | None = None
         if self.first:
             try:
                 box[0] = work()
-            except StudyError as error:
-                box[1] = str(error)
+            except Exception as error:
+                failure, box[1] = error, str(error) or repr(error)
         dist.broadcast_object_list(box, src=0)
+        if failure is not None:
+            raise failure
         if box[1] is not None:
-            raise StudyError(box[1])
+            raise StudyError(f"the first process stopped: {box[1]}")
         result: _T = box[0]
         return result
+
+
+def join_processes(device: str | torch.device | None = None) -> tuple[Processes, bool]:
+    """This process's rank and device, joining torchrun's process group if there is one and
+    nobody joined it yet (NCCL on CUDA, gloo on the CPU).
+
+    Returns:
+        The :class:`Processes`, and whether the group was joined here: then the caller
+        leaves it at the end (``torch.distributed.destroy_process_group()``).
+
+    Example:
+        >>> from dstmtl.study.harness import join_processes
+        >>> processes, joined = join_processes("cpu")  # no torchrun here
+        >>> processes.rank, processes.world_size, processes.device, joined
+        (0, 1, device(type='cpu'), False)
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    wanted = torch.device(device) if device is not None else None
+    cuda = torch.cuda.is_available() if wanted is None else wanted.type == "cuda"
+    if world_size == 1:
+        chosen = wanted or torch.device("cuda" if cuda else "cpu")
+        if chosen.type == "cuda" and chosen.index is None:
+            chosen = torch.device("cuda", torch.cuda.current_device())
+        return Processes(0, 1, chosen), False
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(chosen)
+    joined = not dist.is_initialized()
+    if joined:
+        # The first process may prepare data for long while the others wait in a collective;
+        # NCCL's default 10-minute timeout would end the job meanwhile.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    return Processes(dist.get_rank(), dist.get_world_size(), chosen), joined
 
 
 def run_study(
@@ -152,6 +199,7 @@ def run_study(
     progress: bool = True,
     compile: bool = False,
     info: Mapping[str, Any] | None = None,
+    command: Sequence[str] | None = None,
 ) -> StudyResults:
     """Run every method of ``config`` with every seed, then write the report into ``out``.
 
@@ -181,6 +229,8 @@ def run_study(
         info: Your description of the data and the model (JSON values: a dataset name, a
             folder, class rates), shown in the report and kept in ``metrics.json``; unlike
             ``config.extra`` it is not compared on resume.
+        command: The command line recorded in ``sessions.json`` (``sys.argv`` by
+            default), for a script that calls its ``main(argv)``.
 
     Raises:
         StudyError: A problem you can fix (the message says how): targets that do not
@@ -189,7 +239,7 @@ def run_study(
             torchrun.
     """
     out = Path(out)
-    processes, joined = _join_processes(device)
+    processes, joined = join_processes(device)
     try:
         return _study(
             config,
@@ -202,6 +252,7 @@ def run_study(
             progress=progress,
             compile=compile,
             info=dict(info or {}),
+            command=list(sys.argv if command is None else command),
         )
     finally:
         if joined:
@@ -213,13 +264,14 @@ def _study(
     model_factory: Callable[[], MultiHeadNet],
     data: tuple[Data, Data, Data],
     out: Path,
-    processes: _Processes,
+    processes: Processes,
     *,
     resume: bool,
     overwrite: bool,
     progress: bool,
     compile: bool,
     info: dict[str, Any],
+    command: list[str],
 ) -> StudyResults:
     tasks = config.tasks
     if processes.world_size > 1:
@@ -233,7 +285,7 @@ def _study(
     session = Session(
         started=started,
         finished=None,
-        argv=list(sys.argv),
+        argv=command,
         launcher=_launcher(processes.world_size),
         world_size=processes.world_size,
         effective_batch_size=config.batch_size * processes.world_size,
@@ -296,7 +348,7 @@ def _run(
     train_targets: Tensor | None,
     loss_fn: MaskedMultiTaskLoss,
     out: Path,
-    processes: _Processes,
+    processes: Processes,
     *,
     progress: bool,
     compile: bool,
@@ -589,29 +641,6 @@ def _majority(data: tuple[Data, Data, Data], config: StudyConfig) -> dict[str, f
     return found
 
 
-def _join_processes(device: str | torch.device | None) -> tuple[_Processes, bool]:
-    """This process's rank and device; joins torchrun's process group when there is one.
-    Also whether it was joined here (and so is left at the end)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    wanted = torch.device(device) if device is not None else None
-    cuda = torch.cuda.is_available() if wanted is None else wanted.type == "cuda"
-    if world_size == 1:
-        chosen = wanted or torch.device("cuda" if cuda else "cpu")
-        if chosen.type == "cuda" and chosen.index is None:
-            chosen = torch.device("cuda", torch.cuda.current_device())
-        return _Processes(0, 1, chosen), False
-    joined = not dist.is_initialized()
-    if joined:
-        # The first process may prepare data for long while the others wait in a collective;
-        # NCCL's default 10-minute timeout would end the job meanwhile.
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    chosen = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(chosen)
-    return _Processes(dist.get_rank(), dist.get_world_size(), chosen), joined
-
-
 def _prepare(out: Path, config: StudyConfig, *, resume: bool, overwrite: bool) -> None:
     study_file = out / _STUDY_FILE
     wanted = {"format": _FORMAT, "config": config.to_json()}
@@ -655,12 +684,19 @@ def _prepare(out: Path, config: StudyConfig, *, resume: bool, overwrite: bool) -
 
 
 def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
-    old, new = saved.get("config", {}), wanted["config"]
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if saved.get("format") != wanted["format"]:
-        keys.insert(0, "format")
-        old, new = {**old, "format": saved.get("format")}, {**new, "format": wanted["format"]}
-    return ", ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in keys)
+    """Every differing field, nested ones by their dotted path (``extra.data.labels``)."""
+    changes: list[str] = []
+
+    def compare(old: Any, new: Any, path: str) -> None:
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(old.keys() | new.keys()):
+                compare(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+        elif old != new:
+            changes.append(f"{path}: was {old!r}, now {new!r}")
+
+    compare(saved.get("format"), wanted["format"], "format")
+    compare(saved.get("config", {}), wanted["config"], "")
+    return ", ".join(changes)
 
 
 def _add_session(out: Path, session: Session, resume: bool) -> list[Session]:
