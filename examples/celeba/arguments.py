@@ -147,6 +147,11 @@ def parser() -> argparse.ArgumentParser:
         help="replace the study in --out (only a folder holding a study)",
     )
     output.add_argument(
+        "--terms-epoch",
+        type=positive_int,
+        help="the epoch (from 1, as the report numbers them) of the DST terms table [the last]",
+    )
+    output.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bars"
     )
 

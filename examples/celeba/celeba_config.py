@@ -69,6 +69,7 @@ class CelebARun:
     device: str | None
     compile: bool
     progress: bool
+    terms_epoch: int | None
     precision: Literal["float32", "bfloat16"]
 
     @classmethod
@@ -124,6 +125,7 @@ class CelebARun:
             device=args.device,
             compile=args.compile,
             progress=args.progress,
+            terms_epoch=args.terms_epoch,
             # bfloat16 autocast on a GPU; full precision on the CPU, where bfloat16 is slow.
             precision="bfloat16" if _cuda(args.device) else "float32",
         )

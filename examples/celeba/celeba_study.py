@@ -29,7 +29,7 @@ from demo_data import generate_demo_celeba
 from dstmtl import MultiHeadNet
 from dstmtl.study import StudyError, run_study
 from dstmtl.study.harness import Processes, join_processes
-from dstmtl.study.report import summary
+from dstmtl.study.report import summary, write_report
 
 __all__ = ["build_model", "run"]
 
@@ -112,6 +112,9 @@ def _study(celeba: CelebARun, processes: Processes, command: Sequence[str]) -> i
             )
         return 130  # the shell's status for a SIGINT
     if processes.first:
+        if celeba.terms_epoch is not None:
+            # The harness's report shows the last epoch's terms; this one, the chosen epoch's.
+            write_report(results, config, out, terms_epoch=celeba.terms_epoch)
         print(summary(results, config, out=out))
     return 0
 

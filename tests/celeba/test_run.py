@@ -207,7 +207,10 @@ def test_options_that_do_not_change_the_numbers_may_change_on_resume(
 def test_all_five_terms_as_an_extra_run(tmp_path: Path) -> None:
     out = tmp_path / "all"
     argv = tiny_demo(out, "--methods", "dst", "--dst-metrics", "all", "--epochs", "3")
-    assert run.main(argv) == 0
+    assert run.main([*argv, "--terms-epoch", "2"]) == 0
+    report = (out / "results.md").read_text()
+    assert "Terms at epoch 2:" in report  # the chosen epoch's, not the last one's
+    assert "Terms at epoch 3:" not in report
     results = metrics(out)
     assert list(results["runs"]) == ["dst/seed0", "dst-all/seed0"]
     terms = results["runs"]["dst-all/seed0"]["epochs"][1]["terms"]
@@ -778,7 +781,7 @@ def test_help_answers_without_importing_torch() -> None:
     assert completed.returncode == 0, completed.stderr
     assert "--seeds" in completed.stdout
     assert "--protocol {study,famo40}" in completed.stdout
-    assert "--terms-epoch" not in completed.stdout  # the report shows the last epoch's terms
+    assert "--terms-epoch" in completed.stdout
     refused = _run_script(["--epochs", "0"], "torch")
     assert refused.returncode == 2
     assert "must be at least 1" in refused.stderr

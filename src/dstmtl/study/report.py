@@ -93,8 +93,13 @@ def statistics(results: StudyResults, config: StudyConfig) -> dict[str, Any]:
     return out
 
 
-def write_report(results: StudyResults, config: StudyConfig, out: Path) -> list[Path]:
+def write_report(
+    results: StudyResults, config: StudyConfig, out: Path, *, terms_epoch: int | None = None
+) -> list[Path]:
     """Write ``metrics.json``, ``results.md`` and the figures atomically into ``out``.
+
+    ``terms_epoch`` (numbered from 1, as the report numbers epochs) chooses the epoch of
+    each DST run's terms table; the last epoch by default.
 
     Returns the paths written: ``metrics.json``, ``results.md``, ``scores.png``, then each
     run's figures.
@@ -111,7 +116,7 @@ def write_report(results: StudyResults, config: StudyConfig, out: Path) -> list[
             path = out / _figure_name(field, name)
             write_bytes(path, _epochs_figure(run, name, tasks, field))
             paths.append(path)
-    write_bytes(paths[1], _markdown(results, config).encode())
+    write_bytes(paths[1], _markdown(results, config, terms_epoch).encode())
     return paths
 
 
@@ -157,7 +162,7 @@ def summary(results: StudyResults, config: StudyConfig, *, out: Path | None = No
     return "\n".join(lines)
 
 
-def _markdown(results: StudyResults, config: StudyConfig) -> str:
+def _markdown(results: StudyResults, config: StudyConfig, terms_epoch: int | None) -> str:
     sections = [
         _header_section(results, config),
         _sessions_section(results),
@@ -165,7 +170,7 @@ def _markdown(results: StudyResults, config: StudyConfig) -> str:
         _other_metrics_section(results, config),
         _comparison_section(results, config),
         _drops_section(results, config),
-        _runs_section(results, config),
+        _runs_section(results, config, terms_epoch),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
 
@@ -387,7 +392,7 @@ def _drops_section(results: StudyResults, config: StudyConfig) -> str:
     )
 
 
-def _runs_section(results: StudyResults, config: StudyConfig) -> str:
+def _runs_section(results: StudyResults, config: StudyConfig, terms_epoch: int | None) -> str:
     tasks = list(config.tasks)
     parts = [
         "## Runs\n\nPer run and epoch (numbered from 1, as in the log): each task's mean "
@@ -396,7 +401,8 @@ def _runs_section(results: StudyResults, config: StudyConfig) -> str:
         "updates and the epoch's seconds. For runs that drop tasks, the keep probability "
         "computed at the end of each epoch from its losses (the draw that decides the next "
         "epoch uses it), marked (dropped) in the epochs whose updates left the task out, "
-        "and the terms DST combined into it at the last epoch."
+        "and the terms DST combined into it at "
+        + ("the last epoch." if terms_epoch is None else f"epoch {terms_epoch}.")
     ]
     for name, run in results["runs"].items():
         title = f"### {name}: {run['description']}"
@@ -409,7 +415,7 @@ def _runs_section(results: StudyResults, config: StudyConfig) -> str:
         blocks = [title, _epochs_table(run, tasks)]
         if _drops_tasks(run):
             blocks.append(_keep_probability_table(run, tasks))
-            blocks.append(_terms_table(run, tasks))
+            blocks.append(_terms_table(run, tasks, terms_epoch))
         blocks += [
             f"![{field.replace('_', ' ')} {name}]({_figure_name(field, name)})"
             for field in _figure_fields(run)
@@ -465,9 +471,13 @@ def _keep_probability_table(run: RunResult, tasks: list[str]) -> str:
     return "Keep probabilities:\n\n" + _table(["epoch", *tasks], rows)
 
 
-def _terms_table(run: RunResult, tasks: list[str]) -> str:
+def _terms_table(run: RunResult, tasks: list[str], epoch: int | None) -> str:
     # Records from before the harness kept the terms have none.
     with_terms = [record for record in run["epochs"] if record.get("terms")]
+    if epoch is not None:
+        with_terms = [record for record in with_terms if record["epoch"] + 1 == epoch]
+        if not with_terms:
+            return f"Terms at epoch {epoch}: none, the run has no such epoch."
     if not with_terms:
         return ""
     record = with_terms[-1]
