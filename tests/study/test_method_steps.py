@@ -92,15 +92,26 @@ def test_a_resumed_run_equals_an_uninterrupted_one(method: str, tmp_path: Path) 
     assert resumed == uninterrupted
 
 
-@pytest.mark.parametrize("method", [name for name in METHOD_NAMES if not is_single_task(name)])
-def test_every_method_trains_with_a_task_absent_from_some_batches(method: str) -> None:
+def fresh_method(
+    method: str, *, learning_rate: float
+) -> tuple[MultiHeadNet, MaskedMultiTaskLoss, Method]:
+    """A tiny model seeded alike for every method, its loss and the method (TorchJD's
+    aggregators skip the test where TorchJD is not installed)."""
     if method in _AGGREGATORS:
         pytest.importorskip("torchjd")
     torch.manual_seed(0)
     model = tiny_model()
     loss_fn = MaskedMultiTaskLoss(dict.fromkeys(TASKS, "binary"))
     labels = torch.cat([labels for _, labels in TRAIN])
-    trained = Method(method, model, loss_fn, learning_rate=0.05, seed=0, train_labels=labels)
+    trained = Method(
+        method, model, loss_fn, learning_rate=learning_rate, seed=0, train_labels=labels
+    )
+    return model, loss_fn, trained
+
+
+@pytest.mark.parametrize("method", [name for name in METHOD_NAMES if not is_single_task(name)])
+def test_every_method_trains_with_a_task_absent_from_some_batches(method: str) -> None:
+    model, _, trained = fresh_method(method, learning_rate=0.05)
     for _ in range(3):
         for images, targets in without_task_c(TRAIN):
             trained.step(images, targets)
@@ -117,13 +128,7 @@ def test_every_method_trains_with_a_task_absent_from_some_batches(method: str) -
 def test_a_batch_without_one_task_still_trains_the_others(method: str) -> None:
     """FAMO's log(0 + 1e-8) shrank the whole update to about 1e-8 of itself, and MGDA's
     minimum-norm combination with the absent task's zero gradient was 0."""
-    if method in _AGGREGATORS:
-        pytest.importorskip("torchjd")
-    torch.manual_seed(0)
-    model = tiny_model()
-    loss_fn = MaskedMultiTaskLoss(dict.fromkeys(TASKS, "binary"))
-    labels = torch.cat([labels for _, labels in TRAIN])
-    trained = Method(method, model, loss_fn, learning_rate=0.01, seed=0, train_labels=labels)
+    model, loss_fn, trained = fresh_method(method, learning_rate=0.01)
     images, targets = without_task_c(TRAIN)[1]
     trained.step(images, targets)  # the gradients stay until the next step
     assert loss_fn.label_counts[2] == 0
