@@ -201,3 +201,21 @@ def test_an_unknown_method_is_one_line_and_writes_nothing(
     error = _fails(_argv(tmp_path, tmp_path / "study", "--methods", "equal,bogus"), capsys)
     assert "bogus" in error
     assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--epochs", "ten", "invalid int value: 'ten'"),
+        ("--model", "vgg", "invalid choice: 'vgg' (choose from 'lenet', 'resnet18')"),
+    ],
+)
+def test_a_bad_option_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str, message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        multimnist.main(_argv(tmp_path, tmp_path / "study", option, value))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.strip().splitlines() == [f"error: argument {option}: {message}; see --help"]
+    assert not (tmp_path / "study").exists()

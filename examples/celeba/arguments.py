@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 
 DEFAULT_ATTRIBUTES: tuple[str, ...] = (
     "Male",
@@ -45,13 +46,21 @@ def positive_float(text: str) -> float:
     return value
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse's parser, but a bad option is one line (the problem and the choices or
+    bounds, then where the options are), not the usage block first; exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see --help\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of ``run.py`` (see docs/celeba.md)."""
     # Here, not at the top: protocols.py takes its default methods from this module.
     from protocols import PROTOCOLS
 
     study = PROTOCOLS["study"]
-    command_line = argparse.ArgumentParser(
+    command_line = _OneLineErrors(
         description="Multi-task CelebA study: equal weights vs Dropped Scheduled Task (DST).",
     )
     data = command_line.add_argument_group("data")

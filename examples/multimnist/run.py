@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from multimnist_data import SIZE, Mnist, MnistDataError, build, download, read_mnist
@@ -58,9 +59,17 @@ def resnet18(tasks: Sequence[str] = TASKS) -> MultiHeadNet:
 MODELS = {"lenet": lenet, "resnet18": resnet18}
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse's parser, but a bad option is one line (the problem and the choices or
+    bounds, then where the options are), not the usage block first; exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see --help\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line (``--help`` lists every option and its default)."""
-    command = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    command = _OneLineErrors(description=__doc__.split("\n\n")[0])
     command.add_argument("--root", required=True, help="folder holding MNIST/raw/")
     command.add_argument(
         "--download", action="store_true", help="fetch MNIST into --root with torchvision"

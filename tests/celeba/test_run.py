@@ -420,7 +420,9 @@ def test_bad_numbers_are_refused_before_any_work(
     with pytest.raises(SystemExit) as exit_info:
         run.main(tiny_demo(tmp_path / "o", option, value))
     assert exit_info.value.code == 2
-    assert f"argument {option}: {message}" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: argument {option}: {message}")
+    assert len(error.strip().splitlines()) == 1, error  # no usage block first
     assert not (tmp_path / "o").exists()
 
 
