@@ -54,6 +54,8 @@ nitpick_ignore_regex = [
     ),
     # The string annotation of dstmtl.study.harness.Data, which Sphinx cannot resolve.
     (r"py:class", r"Dataset\[Any\]"),
+    # Private type variables of generic signatures (Processes.on_first's result).
+    (r"py:class", r"dstmtl\..*\._T"),
 ]
 
 html_theme = "furo"

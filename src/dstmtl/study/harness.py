@@ -130,7 +130,7 @@ class Processes:
         """``work()`` in the first process only, its result in every process.
 
         An exception in the first process is raised there and, as a
-        :class:`~dstmtl.study.StudyError` with its message, in every other one, so that
+        :class:`~dstmtl.study.config.StudyError` with its message, in every other one, so that
         none waits for a process that stopped.
         """
         if self.world_size == 1:
