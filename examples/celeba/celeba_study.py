@@ -62,6 +62,7 @@ def build_model(
 
 
 def _study(celeba: CelebARun, processes: Processes, command: Sequence[str]) -> int:
+    processes.check_methods(celeba.methods)  # before the demo data and the cache are built
     device = processes.device
     out = processes.on_first(lambda: celeba.default_out(_now("%Y%m%d-%H%M%S")))
     root = celeba.data_root

@@ -7,6 +7,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.multiprocessing.spawn import spawn
@@ -111,3 +112,11 @@ def test_an_error_in_the_first_process_reaches_the_others(tmp_path: Path) -> Non
     assert (tmp_path / "rank1").read_text() == (
         "StudyError: the first process stopped: [Errno 28] No space left on device"
     )
+
+
+def test_the_method_check_needs_no_data_and_passes_one_process() -> None:
+    cpu = torch.device("cpu")
+    Processes(0, 1, cpu).check_methods(["equal", "uw", "famo"])  # one process runs them all
+    Processes(1, 4, cpu).check_methods(["equal", "dst", "rlw", "stl"])
+    with pytest.raises(StudyError, match=r"methods \['dwa', 'pcgrad'\] keep state"):
+        Processes(1, 4, cpu).check_methods(["equal", "dwa", "pcgrad"])

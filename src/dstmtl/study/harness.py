@@ -150,6 +150,16 @@ class Processes:
         result: _T = box[0]
         return result
 
+    def check_methods(self, methods: Sequence[str]) -> None:
+        """Refuse, before any data work, methods that cannot run on these processes: under
+        torchrun those whose state each process would build from its own shard alone."""
+        single = [name for name in methods if needs_one_process(name)]
+        if self.world_size > 1 and single:
+            raise StudyError(
+                f"methods {single} keep state that each torchrun process would build from its "
+                "own shard; run them in one process (python, not torchrun) or leave them out"
+            )
+
 
 def join_processes(device: str | torch.device | None = None) -> tuple[Processes, bool]:
     """This process's rank and device, joining torchrun's process group if there is one and
@@ -275,7 +285,8 @@ def _study(
 ) -> StudyResults:
     tasks = config.tasks
     if processes.world_size > 1:
-        _check_distributed(config, data[0])
+        processes.check_methods(config.methods)
+        _check_sharded_source(data[0])
     for name, split in zip(("train", "valid", "test"), data, strict=True):
         _check_targets(split, name, config)
     train_targets = _all_targets(data[0], config) if _needs_train_targets(config) else None
@@ -585,13 +596,7 @@ def _check_targets(data: Data, split: str, config: StudyConfig) -> None:
     raise StudyError(f"the {split} split is empty; every split needs samples")
 
 
-def _check_distributed(config: StudyConfig, train: Data) -> None:
-    single = [name for name in config.methods if needs_one_process(name)]
-    if single:
-        raise StudyError(
-            f"methods {single} keep state that each torchrun process would build from its own "
-            "shard; run them in one process (python, not torchrun) or leave them out"
-        )
+def _check_sharded_source(train: Data) -> None:
     if not isinstance(train, Dataset):
         parameters = inspect.signature(train).parameters
         if not {"rank", "world_size"} <= parameters.keys() and not any(
@@ -665,8 +670,9 @@ def _prepare(out: Path, config: StudyConfig, *, resume: bool, overwrite: bool) -
         if out.exists() and any(out.iterdir()):
             if not overwrite:
                 raise StudyError(
-                    f"{out} already holds files; resume the study there (resume), replace it "
-                    "(overwrite), or choose another folder"
+                    f"{out} already holds files; resume the study there (resume=True, "
+                    "--resume in the examples), replace it (overwrite=True, --overwrite), or "
+                    "choose another folder"
                 )
             if not study_file.exists():
                 raise StudyError(
