@@ -120,3 +120,5 @@ def test_the_method_check_needs_no_data_and_passes_one_process() -> None:
     Processes(1, 4, cpu).check_methods(["equal", "dst", "rlw", "stl"])
     with pytest.raises(StudyError, match=r"methods \['dwa', 'pcgrad'\] keep state"):
         Processes(1, 4, cpu).check_methods(["equal", "dwa", "pcgrad"])
+    with pytest.raises(StudyError, match=r"unknown method\(s\) \['gradnorm'\]"):
+        Processes(0, 1, cpu).check_methods(["equal", "gradnorm"])

@@ -38,7 +38,12 @@ from dstmtl.study._atomic import replacing, write_bytes
 from dstmtl.study._errors import StudyError
 from dstmtl.study.config import StudyConfig, higher_is_better
 from dstmtl.study.evaluation import Targets, evaluate
-from dstmtl.study.methods import Method, is_single_task, needs_one_process
+from dstmtl.study.methods import (
+    Method,
+    check_method_names,
+    is_single_task,
+    needs_one_process,
+)
 from dstmtl.study.records import EpochRecord, Hardware, RunResult, Session, StudyResults
 
 __all__ = ["BatchSource", "Data", "Processes", "batches", "join_processes", "run_study"]
@@ -152,7 +157,9 @@ class Processes:
 
     def check_methods(self, methods: Sequence[str]) -> None:
         """Refuse, before any data work, methods that cannot run on these processes: under
-        torchrun those whose state each process would build from its own shard alone."""
+        torchrun those whose state each process would build from its own shard alone; and
+        unknown names anywhere."""
+        check_method_names(methods)
         single = [name for name in methods if needs_one_process(name)]
         if self.world_size > 1 and single:
             raise StudyError(

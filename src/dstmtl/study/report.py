@@ -127,7 +127,8 @@ def summary(results: StudyResults, config: StudyConfig, *, out: Path | None = No
     stats = results["statistics"]["methods"]
     reference = config.reference
     lines = [
-        f"{len(config.methods)} methods x {len(config.seeds)} seeds, {config.epochs} epochs; "
+        f"{_count(len(config.methods), 'method')} x {_count(len(config.seeds), 'seed')}, "
+        f"{_count(config.epochs, 'epoch')}; "
         f"test scores, mean over seeds (reference: {reference})"
     ]
     tasks = list(config.tasks.items())
@@ -180,8 +181,10 @@ def _header_section(results: StudyResults, config: StudyConfig) -> str:
     lines = [
         "# Multi-task study",
         "",
-        f"{len(config.methods)} methods x {n} seeds ({', '.join(map(str, config.seeds))}), "
-        f"{config.epochs} epochs, batch {config.batch_size}, Adam lr {config.learning_rate}; "
+        f"{_count(len(config.methods), 'method')} x {_count(n, 'seed')} "
+        f"({', '.join(map(str, config.seeds))}), "
+        f"{_count(config.epochs, 'epoch')}, batch {config.batch_size}, "
+        f"Adam lr {config.learning_rate}; "
         f"epoch selected on validation ({config.selection}), test evaluated once.",
     ]
     # Studies recorded before the harness kept the caller's description have no "info".
@@ -422,6 +425,10 @@ def _runs_section(results: StudyResults, config: StudyConfig, terms_epoch: int |
         ]
         parts.append("\n\n".join(block for block in blocks if block))
     return "\n\n".join(parts)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _epoch(index: int) -> str:
