@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Sequence, Sized
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
@@ -245,24 +245,31 @@ def test_the_famo40_protocol_runs_its_network_on_whole_unnormalised_images(
     assert results["info"]["network_depth"] == {"Male": 10, "Young": 10}
 
 
-def test_the_sources_prepare_as_the_protocol_says(demo_root: Path, tmp_path: Path) -> None:
+def demo_sources(
+    demo_root: Path, cache_dir: Path, attributes: Sequence[str], **settings: Any
+) -> dict[str, Callable[..., Iterable[Any]]]:
+    """The example's batch sources on the generated stand-in at 8 px, on the CPU, without
+    worker processes; ``settings`` override ``celeba_batches``' arguments."""
     files = celeba_files.locate(demo_root)
-    splits = celeba_files.load_splits(files, ["Male"])
+    splits = celeba_files.load_splits(files, attributes)
+    chosen: dict[str, Any] = {
+        "crop": 178,
+        "image_size": 8,
+        "batch_size": 16,
+        "device": torch.device("cpu"),
+        "cache_dir": cache_dir,
+        "workers": 0,
+        "progress": False,
+        **settings,
+    }
+    return celeba_batches.celeba_batches(splits, files.image_dir, **chosen)
 
+
+def test_the_sources_prepare_as_the_protocol_says(demo_root: Path, tmp_path: Path) -> None:
     def first_batch(**preparation: Any) -> torch.Tensor:
-        train = celeba_batches.celeba_batches(
-            splits,
-            files.image_dir,
-            image_size=8,
-            batch_size=84,
-            device=torch.device("cpu"),
-            cache_dir=tmp_path,
-            workers=0,
-            progress=False,
-            **preparation,
-        )["train"]
-        images, _ = next(iter(train(epoch=0, seed=0)))
-        return images
+        train = demo_sources(demo_root, tmp_path, ["Male"], batch_size=84, **preparation)["train"]
+        first: tuple[torch.Tensor, torch.Tensor] = next(iter(train(epoch=0, seed=0)))
+        return first[0]
 
     plain = first_batch(crop=None, flip=False, normalise=False)
     assert plain.min() >= 0  # the pixel values over 255
@@ -660,21 +667,9 @@ def test_ranks_share_the_training_set_without_repeating_an_image(
 ) -> None:
     # 84 training images among 5 ranks: each takes 16 and four sit out the epoch, as with
     # DistributedSampler(drop_last=True), rather than some ranks seeing an image twice.
-    files = celeba_files.locate(demo_root)
-    splits = celeba_files.load_splits(files, celeba_files.DEFAULT_ATTRIBUTES)
-    assert len(splits["train"]) == 84
-    train = celeba_batches.celeba_batches(
-        splits,
-        files.image_dir,
-        crop=178,
-        image_size=8,
-        batch_size=6,
-        device=torch.device("cpu"),
-        cache=cache,
-        cache_dir=tmp_path,
-        workers=0,
-        progress=False,
-    )["train"]
+    attributes = celeba_files.DEFAULT_ATTRIBUTES
+    train = demo_sources(demo_root, tmp_path, attributes, batch_size=6, cache=cache)["train"]
+    assert len(celeba_files.load_splits(celeba_files.locate(demo_root), attributes)["train"]) == 84
     seen: list[bytes] = []
     for rank in range(5):
         batches = train(epoch=0, seed=0, rank=rank, world_size=5)
@@ -689,21 +684,8 @@ def test_ranks_share_the_training_set_without_repeating_an_image(
 
 
 def test_the_sources_depend_on_the_seed_and_epoch_only(demo_root: Path, tmp_path: Path) -> None:
-    files = celeba_files.locate(demo_root)
-    splits = celeba_files.load_splits(files, celeba_files.DEFAULT_ATTRIBUTES)
-
     def sources() -> dict[str, Callable[..., Iterable[Any]]]:
-        return celeba_batches.celeba_batches(
-            splits,
-            files.image_dir,
-            crop=178,
-            image_size=8,
-            batch_size=16,
-            device=torch.device("cpu"),
-            cache_dir=tmp_path,
-            workers=0,
-            progress=False,
-        )
+        return demo_sources(demo_root, tmp_path, celeba_files.DEFAULT_ATTRIBUTES)
 
     def epoch(source: Callable[..., Iterable[Any]], **when: int) -> list[torch.Tensor]:
         return [
