@@ -296,8 +296,12 @@ def _study(
         _check_sharded_source(data[0])
     for name, split in zip(("train", "valid", "test"), data, strict=True):
         _check_targets(split, name, config)
-    train_targets = _all_targets(data[0], config) if _needs_train_targets(config) else None
-    baselines = {"majority": _majority(data, config)}
+    binary = any(task.kind == "binary" for task in tasks.values())
+    # Read once, for DST's label-count term and the majority baselines.
+    train_targets = (
+        _all_targets(data[0], config) if binary or _needs_train_targets(config) else None
+    )
+    baselines = {"majority": _majority(train_targets, data[2], config)}
     started = _now()
     processes.on_first(lambda: _prepare(out, config, resume=resume, overwrite=overwrite))
     session = Session(
@@ -634,19 +638,21 @@ def _all_targets(data: Data, config: StudyConfig) -> Tensor | None:
     return torch.cat(parts)
 
 
-def _majority(data: tuple[Data, Data, Data], config: StudyConfig) -> dict[str, float]:
+def _majority(train: Tensor | None, test: Data, config: StudyConfig) -> dict[str, float]:
     """Each binary task's test accuracy when always predicting its training majority class,
-    over the labelled test samples; the floor any model must beat."""
+    over the labelled test samples; the floor any model must beat. Empty without binary
+    tasks, and for dense targets."""
     binary = [j for j, task in enumerate(config.tasks.values()) if task.kind == "binary"]
-    if not binary:
+    if not binary or train is None:
         return {}
-    train, _, test = (_all_targets(split, config) for split in data)
-    if train is None or test is None:
+    test_targets = _all_targets(test, config)
+    if test_targets is None:
         return {}
     names = list(config.tasks)
     found = {}
     for j in binary:
-        known, truth = train[:, j][~train[:, j].isnan()], test[:, j][~test[:, j].isnan()]
+        known = train[:, j][~train[:, j].isnan()]
+        truth = test_targets[:, j][~test_targets[:, j].isnan()]
         if len(known) and len(truth):
             majority = float(known.mean() >= 0.5)
             found[names[j]] = float((truth == majority).float().mean())
